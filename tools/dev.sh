@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: makes .venv (once), installs lesson9 with its
+# dev tools into it, then runs what you ask for.
+#   bash tools/dev.sh train [lesson9-train options]   # the main job on the embedded MNIST
+#   bash tools/dev.sh test                            # every notebook (nbdev_test) + pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${LESSON9_VENV:-.venv}
+py="$venv/bin/python"
+
+if [ ! -x "$py" ]; then
+  python3 -m venv "$venv"
+fi
+stamp="$venv/.lesson9-installed"
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ settings.ini -nt "$stamp" ]; then
+  # torch first, pinned to a CPU build when none is installed: a bare `torch` requirement
+  # would pull a multi-GB CUDA build. Override with LESSON9_TORCH (e.g. "torch==2.5.1").
+  if ! "$py" -c "import torch" 2>/dev/null; then
+    "$py" -m pip install -q --disable-pip-version-check "${LESSON9_TORCH:-torch==2.13.0}"
+  fi
+  "$py" -m pip install -q --disable-pip-version-check -e ".[dev]"
+  touch "$stamp"
+fi
+export PATH="$PWD/$venv/bin:$PATH"
+export MPLBACKEND=${MPLBACKEND:-Agg}
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  train) exec lesson9-train "$@" ;;
+  test)
+    nbdev_test --n_workers 2
+    python -m pytest -q tests ;;
+  *) echo "usage: bash tools/dev.sh train|test [args]" >&2; exit 2 ;;
+esac
