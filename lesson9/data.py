@@ -7,14 +7,14 @@ __all__ = ['EMBEDDED_SHA256', 'EMBEDDED_PATH', 'MNIST_FILES', 'MNIST_MIRRORS', '
            'train_stats', 'normalize', 'read_idx', 'write_idx', 'cache_dir', 'md5sum', 'download', 'load_mnist',
            'get_data', 'load_npz']
 
-# %% ../nbs/01_data.ipynb #91ab693d
+# %% ../nbs/01_data.ipynb #2428c727
 import gzip, hashlib, importlib, os, tempfile, urllib.error, urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# %% ../nbs/01_data.ipynb #87283337
+# %% ../nbs/01_data.ipynb #1f863525
 EMBEDDED_SHA256 = 'f6b55c9418f856384ca49424e8d627520c16b9f65d9511142495f813ce253f9b'
 # located through the package, so the same line works in this notebook and in the installed module
 EMBEDDED_PATH = Path(importlib.import_module('lesson9').__file__).parent/'assets'/'mnist10k.npz'
@@ -22,7 +22,7 @@ EMBEDDED_PATH = Path(importlib.import_module('lesson9').__file__).parent/'assets
 class DataError(ValueError):
     "A data file is missing, corrupt or in the wrong format; the message names the file."
 
-# %% ../nbs/01_data.ipynb #f92676f8
+# %% ../nbs/01_data.ipynb #f38e17ee
 def to_float(x:np.ndarray # uint8 pixels, any shape with 784 values per image
             )->torch.Tensor: # float32 of shape (n, 784) in [0, 1]
     "Flatten images to rows of 784 and scale uint8 pixels to float32 in [0, 1]."
@@ -30,7 +30,7 @@ def to_float(x:np.ndarray # uint8 pixels, any shape with 784 values per image
     x = x.reshape(len(x), -1)
     return x.float()/255 if x.dtype==torch.uint8 else x.float()
 
-# %% ../nbs/01_data.ipynb #741f1127
+# %% ../nbs/01_data.ipynb #6be56062
 def load_embedded(n_valid:int=2000 # how many digits, from the end of the shuffled file, form the validation set
                  ):
     "The 10,000 embedded MNIST digits as `(x_train, y_train, x_valid, y_valid)`: float32 (n, 784) in [0, 1], int64 labels."
@@ -42,7 +42,7 @@ def load_embedded(n_valid:int=2000 # how many digits, from the end of the shuffl
     n = len(x) - n_valid
     return x[:n], y[:n], x[n:], y[n:]
 
-# %% ../nbs/01_data.ipynb #7aef2d6e
+# %% ../nbs/01_data.ipynb #b5cc74bb
 def train_stats(x:torch.Tensor # the training inputs
                ): # (mean, std) as Python floats
     "Mean and standard deviation of the training inputs, for `normalize`."
@@ -57,7 +57,7 @@ def normalize(x:torch.Tensor, # inputs to normalise
     if not s > 0: raise DataError(f"normalize needs a positive std, got s={s!r}")
     return (x - m)/s
 
-# %% ../nbs/01_data.ipynb #b1938492
+# %% ../nbs/01_data.ipynb #3dd3a9a6
 MNIST_FILES = { # file name -> md5 of the gzipped file as served by the mirrors
     'train-images-idx3-ubyte.gz': 'f68b3c2dcbeaaa9fbdd348bbdeb94873',
     'train-labels-idx1-ubyte.gz': 'd53e105ee54ea40749a09fcbcd1e9432',
@@ -67,7 +67,7 @@ MNIST_FILES = { # file name -> md5 of the gzipped file as served by the mirrors
 MNIST_MIRRORS = ('https://ossci-datasets.s3.amazonaws.com/mnist/',
                  'https://storage.googleapis.com/cvdf-datasets/mnist/')
 
-# %% ../nbs/01_data.ipynb #9fa24164
+# %% ../nbs/01_data.ipynb #8f03be9d
 def read_idx(path:Path # a gzipped idx file
             )->np.ndarray:
     "Parse a gzipped idx file (the MNIST format) into a numpy array of its stored shape."
@@ -82,14 +82,14 @@ def read_idx(path:Path # a gzipped idx file
         raise DataError(f"{path} is truncated or padded: header says shape {None if dims is None else tuple(dims)}, got {len(raw)} bytes")
     return np.frombuffer(raw, np.uint8, offset=4+4*ndim).reshape(tuple(dims))
 
-# %% ../nbs/01_data.ipynb #38d295a5
+# %% ../nbs/01_data.ipynb #9ab8d5d3
 def write_idx(path:Path, arr:np.ndarray):
     "Write a uint8 array as a gzipped idx file (used to make small MNIST-format fixtures)."
     arr = np.ascontiguousarray(arr, dtype=np.uint8)
     header = bytes([0, 0, 8, arr.ndim]) + np.asarray(arr.shape, '>u4').tobytes()
     Path(path).write_bytes(gzip.compress(header + arr.tobytes(), mtime=0))
 
-# %% ../nbs/01_data.ipynb #d8c76e74
+# %% ../nbs/01_data.ipynb #b254d1ea
 def cache_dir()->Path:
     "Where downloaded data lives: `$LESSON9_DATA`, else `$XDG_CACHE_HOME/lesson9`, else `~/.cache/lesson9`."
     if os.environ.get('LESSON9_DATA'): return Path(os.environ['LESSON9_DATA']).expanduser()
@@ -99,7 +99,7 @@ def md5sum(path:Path)->str:
     "Hex md5 of a file's bytes."
     return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
-# %% ../nbs/01_data.ipynb #6a779ae5
+# %% ../nbs/01_data.ipynb #a3b5ceca
 def _fetch_to(url, tmp, timeout):
     "Stream `url` into the open file `tmp`; raise if fewer bytes arrive than the server announced."
     with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -132,7 +132,7 @@ def download(fname:str, # file name, appended to each mirror's URL
             if os.path.exists(tmp): os.unlink(tmp)
     raise DataError(f"could not download {fname} into {dest}; tried " + '; '.join(errors or ['no mirrors']))
 
-# %% ../nbs/01_data.ipynb #41fdf064
+# %% ../nbs/01_data.ipynb #969657b0
 def load_mnist(dest:Path=None, # cache folder (default: `cache_dir()`)
                mirrors=MNIST_MIRRORS, # base URLs tried in order
                files:dict=None, # file name -> md5 (default: `MNIST_FILES`)
@@ -151,7 +151,7 @@ def load_mnist(dest:Path=None, # cache folder (default: `cache_dir()`)
     if test: res += (to_float(arrays['t10k_x']), torch.as_tensor(arrays['t10k_y']).long())
     return res
 
-# %% ../nbs/01_data.ipynb #745658c3
+# %% ../nbs/01_data.ipynb #9f19fb59
 def get_data(source:str='embedded', # 'embedded', 'mnist', or a path to an .npz file with arrays x and y
              n_valid:int=None # validation size (default: 2,000 embedded, 10,000 mnist, 20% of an npz)
             ):
@@ -160,7 +160,7 @@ def get_data(source:str='embedded', # 'embedded', 'mnist', or a path to an .npz 
     if source == 'mnist': return load_mnist(n_valid=n_valid or 10_000)
     return load_npz(source, n_valid)
 
-# %% ../nbs/01_data.ipynb #a21ea01f
+# %% ../nbs/01_data.ipynb #b64b94a4
 def load_npz(path:Path, # an .npz holding `x` (n, 784) or (n, 28, 28) and `y` (n,)
              n_valid:int=None # digits taken from the end for validation (default: 20%)
             ):
