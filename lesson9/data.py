@@ -80,7 +80,7 @@ def read_idx(path:Path # a gzipped idx file
     dims = np.frombuffer(raw, '>u4', count=ndim, offset=4).astype(int) if len(raw) >= 4+4*ndim else None
     if dims is None or len(raw) != 4 + 4*ndim + int(np.prod(dims)):
         raise DataError(f"{path} is truncated or padded: header says shape {None if dims is None else tuple(dims)}, got {len(raw)} bytes")
-    return np.frombuffer(raw, np.uint8, offset=4+4*ndim).reshape(tuple(dims))
+    return np.frombuffer(raw, np.uint8, offset=4+4*ndim).reshape(tuple(dims)).copy()  # writable, as torch wants
 
 # %% ../nbs/01_data.ipynb #9ab8d5d3
 def write_idx(path:Path, arr:np.ndarray):

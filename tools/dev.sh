@@ -16,7 +16,8 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ settings.ini -nt "$stamp"
   # torch first, pinned to a CPU build when none is installed: a bare `torch` requirement
   # would pull a multi-GB CUDA build. Override with LESSON9_TORCH (e.g. "torch==2.5.1").
   if ! "$py" -c "import torch" 2>/dev/null; then
-    "$py" -m pip install -q --disable-pip-version-check "${LESSON9_TORCH:-torch==2.13.0}"
+    # shellcheck disable=SC2086 # LESSON9_TORCH may carry pip options, e.g. an --index-url
+    "$py" -m pip install -q --disable-pip-version-check ${LESSON9_TORCH:-torch==2.13.0}
   fi
   "$py" -m pip install -q --disable-pip-version-check -e ".[dev]"
   touch "$stamp"
