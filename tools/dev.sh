@@ -30,7 +30,8 @@ cmd=${1:-}
 case "$cmd" in
   train) exec lesson9-train "$@" ;;
   test)
-    nbdev_test --n_workers 2
+    # two notebooks at a time on two cores: one torch thread each, or they oversubscribe the cores
+    OMP_NUM_THREADS=1 nbdev_test --n_workers 2
     python -m pytest -q tests ;;
   *) echo "usage: bash tools/dev.sh train|test [args]" >&2; exit 2 ;;
 esac
