@@ -26,7 +26,7 @@ class DataError(ValueError):
 def to_float(x:np.ndarray # uint8 pixels, any shape with 784 values per image
             )->torch.Tensor: # float32 of shape (n, 784) in [0, 1]
     "Flatten images to rows of 784 and scale uint8 pixels to float32 in [0, 1]."
-    x = torch.as_tensor(np.asarray(x))
+    x = torch.tensor(np.asarray(x))  # a copy: the array may be a read-only view of a file buffer
     x = x.reshape(len(x), -1)
     return x.float()/255 if x.dtype==torch.uint8 else x.float()
 

@@ -3,6 +3,7 @@
 # dev tools into it, then runs what you ask for.
 #   bash tools/dev.sh train [lesson9-train options]   # the main job on the embedded MNIST
 #   bash tools/dev.sh test                            # every notebook (nbdev_test) + pytest
+#   bash tools/dev.sh docs                            # the docs site into docs/_build/html, and README.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${LESSON9_VENV:-.venv}
@@ -33,5 +34,6 @@ case "$cmd" in
     # two notebooks at a time on two cores: one torch thread each, or they oversubscribe the cores
     OMP_NUM_THREADS=1 nbdev_test --n_workers 2
     python -m pytest -q tests ;;
-  *) echo "usage: bash tools/dev.sh train|test [args]" >&2; exit 2 ;;
+  docs) exec python tools/build_docs.py "$@" ;;
+  *) echo "usage: bash tools/dev.sh train|test|docs [args]" >&2; exit 2 ;;
 esac

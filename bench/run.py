@@ -1,0 +1,251 @@
+"""Speed benchmark: lesson9's training loops against a plain PyTorch loop, PyTorch Lightning and fastai.
+
+    python bench/run.py                 # CPU, the full run (about 5-8 minutes on 2 cores)
+    python bench/run.py --quick         # fewer repetitions, shorter wide-MLP epoch (about 2 minutes)
+    python bench/run.py --device cuda   # data and models on the GPU
+
+Each measurement runs in its own process (`bench/worker.py`): data, warm-up epoch, then one timed epoch.
+The loops are interleaved (rep 1: loops 1..6, rep 2: loops 2..6,1, ...) so that a change in the machine's
+load hits every loop alike; the table shows medians over the repetitions. Loops 5 and 6 (Lightning, fastai)
+run with the Python of bench/.venv-peers (`bash bench/setup_peers.sh`), or this one if it has them, and are
+skipped with a message otherwise. See bench/README.md for what is measured and how.
+"""
+import argparse, datetime, json, os, platform, statistics, subprocess, sys, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+WORKER = os.path.join(HERE, 'worker.py')
+sys.path.insert(0, HERE)
+from worker import LOOP_NAMES, MODELS  # noqa: E402  (plain constants; importing worker does not import torch)
+
+PEER_MODULES = {5: 'lightning', 6: 'fastai.basics'}
+TARGETS_CPU = {3: 1.05, 4: 1.10}   # loop / loop 1, lesson MLP
+TARGET_GPU_LOOP4 = 1.10
+TARGET_MEM = 1.10                  # peak memory of loop 4 / loop 1
+TARGET_DL_VS_TORCH, TARGET_DL_VS_RAW = 20., 1.3
+
+
+def log(*a): print(*a, file=sys.stderr, flush=True)
+
+
+def run_jsons(cmd, timeout, env=None):
+    "Run `cmd`; its stdout lines that hold JSON objects, parsed, or raise with its stderr."
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:4])}... failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    for line in p.stderr.splitlines():
+        if line.startswith('loop 4:'): log('  note:', line)
+    return [json.loads(l) for l in p.stdout.splitlines() if l.startswith('{')]
+
+
+def run_json(cmd, timeout, env=None): return run_jsons(cmd, timeout, env)[-1]
+
+
+def python_with(module, candidates):
+    "The first interpreter in `candidates` that can import `module`, or None."
+    for py in candidates:
+        if py and os.path.exists(py) and subprocess.run([py, '-c', f'import {module}'], capture_output=True, cwd=HERE).returncode == 0:
+            return py
+    return None
+
+
+def versions(py, modules):
+    "{module: version} as seen by the interpreter `py` (missing ones left out)."
+    code = ("import importlib, json, sys; v = {}\n"
+            "for m in sys.argv[1:]:\n"
+            "    try: v[m] = importlib.import_module(m).__version__\n"
+            "    except Exception: pass\n"
+            "print(json.dumps(v))")
+    p = subprocess.run([py, '-c', code, *modules], capture_output=True, text=True, cwd=HERE)
+    return json.loads(p.stdout) if p.returncode == 0 else {}
+
+
+def machine_info(device):
+    "Machine, load and software facts for the table's header."
+    import torch
+    cpu = platform.processor()
+    try:
+        with open('/proc/cpuinfo') as f: cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
+    except (OSError, StopIteration): pass
+    info = dict(date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'), platform=platform.platform(),
+                cpu=cpu, cpu_count=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
+                loadavg=os.getloadavg() if hasattr(os, 'getloadavg') else None)
+    if device.startswith('cuda'): info['gpu'] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def median(xs): return statistics.median(xs) if xs else float('nan')
+
+
+def summarize(records, loops, models):
+    "Per (model, loop): medians of time and memory, ratios to loop 1, and the stats of the last repetition."
+    rows = []
+    for model in models:
+        base = [r for r in records if r['model'] == model and r['loop'] == 1]
+        base_ms, base_mem = median([r['ms_per_epoch'] for r in base]), median([r['peak_mem'] for r in base])
+        for loop in loops:
+            rs = [r for r in records if r['model'] == model and r['loop'] == loop]
+            if not rs: continue
+            ms = [r['ms_per_epoch'] for r in rs]
+            mem = median([r['peak_mem'] for r in rs])
+            rows.append(dict(model=model, loop=loop, name=rs[0]['name'], n=len(rs), samples=rs[0]['samples'], bs=rs[0]['bs'],
+                             ms_median=median(ms), ms_min=min(ms), ms_max=max(ms), steps=rs[0]['train_steps'],
+                             us_per_step=median(ms) * 1e3 / rs[0]['train_steps'],
+                             ratio=median(ms) / base_ms if base else float('nan'),
+                             peak_mem_mb=mem / 2**20, mem_ratio=mem / base_mem if base else float('nan'),
+                             mem_kind=rs[0]['mem_kind'], stats=rs[-1]['stats'], with_anneal=rs[0].get('with_anneal')))
+    return rows
+
+
+def table(rows):
+    out = ['| model | loop | ms/epoch (median) | min-max | us/step | x loop 1 | peak MB | mem x loop 1 | valid loss |',
+           '|---|---|---:|---:|---:|---:|---:|---:|---:|']
+    for r in rows:
+        name = r['name'] + (' (no anneal yet)' if r['loop'] == 4 and r['with_anneal'] is False else '')
+        spec = f"{r['model']} ({r['samples']:,} samples, bs {r['bs']})"
+        vl = r['stats'].get('valid_loss')
+        out.append(f"| {spec} | {r['loop']}. {name} | {r['ms_median']:.1f} | {r['ms_min']:.0f}-{r['ms_max']:.0f} | "
+                   f"{r['us_per_step']:.1f} | {r['ratio']:.3f} | {r['peak_mem_mb']:.1f} | {r['mem_ratio']:.3f} | "
+                   f"{'' if vl is None else f'{vl:.6f}'} |")
+    return '\n'.join(out)
+
+
+def dl_table(dl):
+    out = ['| loader | ms/epoch (median) | batches/s | x torch DataLoader | x raw indexing (fastest raw) |',
+           '|---|---:|---:|---:|---:|']
+    torch_key = 'torch DataLoader(TensorDataset, shuffle=True)'
+    meds = {k: median(v) for k, v in dl['ms_per_epoch'].items()}
+    raw = min(v for k, v in meds.items() if k.startswith('raw'))
+    for k, v in meds.items():
+        out.append(f"| {k} | {v:.1f} | {dl['batches'][k] / v * 1e3:,.0f} | {meds[torch_key] / v:.1f} | {v / raw:.2f} |")
+    return '\n'.join(out)
+
+
+def check_targets(rows, dl, parity, device):
+    "Lines saying which of the issue's targets hold in this run."
+    res = []
+    get = lambda loop: next((r for r in rows if r['model'] == 'lesson' and r['loop'] == loop), None)
+    def say(ok, text): res.append(f"- {'PASS' if ok else 'MISS'}: {text}")
+    if device == 'cpu':
+        for loop, t in TARGETS_CPU.items():
+            r = get(loop)
+            if r: say(r['ratio'] <= t, f"CPU lesson MLP loop {loop} / loop 1 = {r['ratio']:.3f} (target <= {t})")
+    else:
+        r = get(4)
+        if r: say(r['ratio'] <= TARGET_GPU_LOOP4, f"GPU lesson MLP loop 4 / loop 1 = {r['ratio']:.3f} (target <= {TARGET_GPU_LOOP4})")
+        for loop in (5, 6):
+            if not get(loop): res.append(f"- MISS: {LOOP_NAMES[loop]} not measured in this run")
+    r = get(4)
+    if r: say(r['mem_ratio'] <= TARGET_MEM, f"peak memory loop 4 / loop 1 = {r['mem_ratio']:.3f} (target <= {TARGET_MEM}; {r['mem_kind']})")
+    if dl:
+        meds = {k: median(v) for k, v in dl['ms_per_epoch'].items()}
+        ours = meds['lesson9 DataLoader(Dataset, shuffle=True)']
+        vs_torch = meds['torch DataLoader(TensorDataset, shuffle=True)'] / ours
+        raw = min(v for k, v in meds.items() if k.startswith('raw'))
+        say(vs_torch >= TARGET_DL_VS_TORCH, f"lesson9 DataLoader = {vs_torch:.1f}x the batches/s of torch's DataLoader (target >= {TARGET_DL_VS_TORCH:.0f}x)")
+        say(ours / raw <= TARGET_DL_VS_RAW, f"lesson9 DataLoader time / fastest raw slicing = {ours / raw:.2f} (target <= {TARGET_DL_VS_RAW})")
+    if parity: say(parity['ok'], f"parity: loops 1, 3, 4 final losses agree to {parity['max_diff']:.2e} (target 1e-5)")
+    return res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (data on the device)")
+    p.add_argument('--quick', action='store_true', help='3 repetitions and a shorter wide-MLP epoch on the CPU')
+    p.add_argument('--reps', type=int, help='timed repetitions per loop (default 5, quick 3)')
+    p.add_argument('--threads', type=int, default=1, help='torch threads in every loop process (default 1)')
+    p.add_argument('--loops', default='1,2,3,4,5,6')
+    p.add_argument('--models', default='lesson,wide')
+    p.add_argument('--samples', type=int, default=50_000, help='training samples per epoch (lesson MLP)')
+    p.add_argument('--wide-samples', type=int, help='training samples per epoch for the wide MLP '
+                   '(default: 50,000 on a GPU; 4,096 on the CPU, 2,048 with --quick, where a full epoch takes minutes)')
+    p.add_argument('--peer-python', help='interpreter with lightning and fastai (default: bench/.venv-peers, then this one)')
+    p.add_argument('--no-dataloader', action='store_true', help='skip the DataLoader benchmark')
+    p.add_argument('--no-parity', action='store_true', help='skip the parity check')
+    p.add_argument('--out', default=os.path.join(HERE, 'results'), help='folder for the JSON and markdown results')
+    args = p.parse_args(argv)
+    import torch
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here (torch {torch.__version__})")
+    on_gpu = args.device.startswith('cuda')
+    reps = args.reps or (3 if args.quick else 5)
+    loops = [int(l) for l in args.loops.split(',')]
+    models = args.models.split(',')
+    wide_samples = args.wide_samples or (50_000 if on_gpu else 2_048 if args.quick else 4_096)
+    t_start = time.time()
+
+    info = machine_info(args.device)
+    info.update(threads=args.threads, reps=reps, device=args.device)
+    peer_candidates = [args.peer_python] if args.peer_python else [os.path.join(HERE, '.venv-peers', 'bin', 'python'), sys.executable]
+    pythons = {l: sys.executable for l in loops if l <= 4}
+    for l in [l for l in loops if l in PEER_MODULES]:
+        py = python_with(PEER_MODULES[l], peer_candidates)
+        if py is None:
+            log(f"skipping loop {l} ({LOOP_NAMES[l]}): {PEER_MODULES[l]} is not importable from {peer_candidates}; "
+                "run `bash bench/setup_peers.sh` to install it")
+        else:
+            pythons[l] = py
+            info.update(versions(py, [PEER_MODULES[l].split('.')[0]]))
+            if py != sys.executable: info['torch (peers)'] = versions(py, ['torch']).get('torch')
+    loops = [l for l in loops if l in pythons]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), PYTHONWARNINGS='ignore')
+    log(f"bench: device {args.device}, {reps} reps, loops {loops}, models {models}, threads {args.threads}, load {info['loadavg']}")
+
+    parity = None
+    if not args.no_parity and 'lesson' in models:
+        log("parity check: loops 1, 3, 4 (constant-lr ParamScheduler) on the lesson MLP ...")
+        parity = run_json([sys.executable, os.path.join(HERE, 'parity.py'), '--device', args.device, '--threads', str(args.threads),
+                           '--samples', str(args.samples)], 600, env)
+        log(f"  max |difference| {parity['max_diff']:.2e} -> {'ok' if parity['ok'] else 'FAILED'}")
+
+    records = []
+    for rep in range(reps):
+        order = loops[rep % len(loops):] + loops[:rep % len(loops)]
+        for loop in order:  # one process per loop and repetition; it measures the models one after the other
+            cmd = [pythons[loop], WORKER, '--loop', str(loop), '--models', ','.join(models), '--device', args.device,
+                   '--threads', str(args.threads), '--samples', str(args.samples), '--wide-samples', str(wide_samples)]
+            t = time.time()
+            try: rs = run_jsons(cmd, 600, env)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                log(f"  rep {rep+1} loop {loop}: FAILED: {e}"); continue
+            for r in rs:
+                r['rep'] = rep
+                records.append(r)
+            log(f"  rep {rep+1}/{reps} loop {loop}: " + '  '.join(f"{r['model']} {r['ms_per_epoch']:8.1f} ms (cpu {r['cpu_ms_per_epoch']:8.1f}) "
+                                                            f"peak {r['peak_mem']/2**20:6.1f} MB" for r in rs) + f"  [{time.time()-t:.0f} s]")
+
+    dl = None
+    if not args.no_dataloader:
+        log("DataLoader benchmark ...")
+        dl = run_json([sys.executable, WORKER, '--dataloader', '--device', args.device, '--threads', str(args.threads),
+                       '--reps', str(reps), '--samples', str(args.samples)], 600, env)
+
+    info['loadavg_after'] = os.getloadavg() if hasattr(os, 'getloadavg') else None
+    info['seconds'] = round(time.time() - t_start, 1)
+    rows = summarize(records, loops, models)
+    targets = check_targets(rows, dl, parity, 'cuda' if on_gpu else 'cpu')
+    head = (f"{info['date']} | {info.get('gpu', info['cpu'])} ({info['cpu_count']} CPU cores) | {info['platform']}\n"
+            f"python {info['python']}, torch {info['torch']}"
+            + ''.join(f", {k} {info[k]}" for k in ('lightning', 'fastai', 'torch (peers)') if info.get(k))
+            + f" | device {args.device}, torch threads {args.threads}, {reps} reps (median), load average "
+            f"{' '.join(f'{x:.2f}' for x in info['loadavg'] or ())} before, "
+            f"{' '.join(f'{x:.2f}' for x in info['loadavg_after'] or ())} after | {info['seconds']:.0f} s")
+    md = [head, '', table(rows)]
+    if dl: md += ['', f"DataLoader, iterating batches only ({dl['samples']:,} x 784 float32, bs {dl['bs']}, shuffled):", '', dl_table(dl)]
+    if parity: md += ['', 'Parity (one epoch, same seed and batch order): ' + ', '.join(f"loop {k}: train {v['train_loss']:.8f} valid {v['valid_loss']:.8f}" for k, v in parity['loops'].items())]
+    md += ['', 'Targets:', *targets]
+    text = '\n'.join(md)
+    print(text)
+
+    os.makedirs(args.out, exist_ok=True)
+    tag = 'gpu' if on_gpu else 'cpu'
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    blob = dict(info=info, rows=rows, records=records, dataloader=dl, parity=parity, targets=targets)
+    for name in (f'{tag}-{stamp}.json', f'latest-{tag}.json'):
+        with open(os.path.join(args.out, name), 'w') as f: json.dump(blob, f, indent=1)
+    with open(os.path.join(args.out, f'latest-{tag}.md'), 'w') as f: f.write(text + '\n')
+    log(f"wrote {os.path.join(args.out, f'latest-{tag}.json')} and latest-{tag}.md ({info['seconds']:.0f} s)")
+
+
+if __name__ == '__main__':
+    main()
