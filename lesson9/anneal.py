@@ -8,7 +8,7 @@ __all__ = ['new_figure', 'save_figure', 'Recorder', 'ParamScheduler', 'annealer'
            'LRFindResult', 'LRFinder', 'lr_find']
 
 # %% ../nbs/05_anneal.ipynb #11b3d433
-import bisect, copy, functools, math, os, tempfile
+import bisect, copy, functools, math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .callbacks import Callback, CancelEpoch, CancelTrain, Runner, listify
+from .data import atomic_write
 
 # %% ../nbs/05_anneal.ipynb #3262965b
 def new_figure(ncols:int=1, # side-by-side axes
@@ -32,16 +33,8 @@ def save_figure(fig, # a matplotlib `Figure`
                 dpi:int=100 # resolution of raster formats
                )->Path:
     "Save `fig` to `path` atomically: a temporary file in the same folder, renamed into place when complete."
-    path = Path(path)
-    fmt = path.suffix.lstrip('.').lower() or 'png'
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f: fig.savefig(f, format=fmt, dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
-    return path
+    fmt = Path(path).suffix.lstrip('.').lower() or 'png'
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
 
 # %% ../nbs/05_anneal.ipynb #2a408dbf
 class Recorder(Callback):

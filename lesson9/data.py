@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['EMBEDDED_SHA256', 'EMBEDDED_PATH', 'MNIST_FILES', 'MNIST_MIRRORS', 'DataError', 'to_float', 'load_embedded',
-           'train_stats', 'normalize', 'read_idx', 'write_idx', 'cache_dir', 'md5sum', 'download', 'load_mnist',
-           'get_data', 'load_npz']
+           'train_stats', 'normalize', 'read_idx', 'write_idx', 'cache_dir', 'md5sum', 'atomic_write', 'download',
+           'load_mnist', 'get_data', 'load_npz']
 
 # %% ../nbs/01_data.ipynb #2428c727
 import gzip, hashlib, importlib, os, tempfile, urllib.error, urllib.request
@@ -100,12 +100,28 @@ def md5sum(path:Path)->str:
     return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 # %% ../nbs/01_data.ipynb #a3b5ceca
-def _fetch_to(url, tmp, timeout):
-    "Stream `url` into the open file `tmp`; raise if fewer bytes arrive than the server announced."
+def atomic_write(path:Path, # the file to (re)write
+                 write # function that writes the contents into the open binary file it is given
+                )->Path:
+    "Write `path` through a temporary file in its folder, renamed into place only if `write` returns: on error nothing changes."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.part', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f: write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp): os.unlink(tmp)
+    return path
+
+# %% ../nbs/01_data.ipynb #59d0d224
+def _fetch_to(url, f, timeout, md5):
+    "Stream `url` into the open file `f`; raise unless all announced bytes arrive and their md5 is `md5`."
+    h = hashlib.md5()
     with urllib.request.urlopen(url, timeout=timeout) as r:
         expected, n = r.headers.get('Content-Length'), 0
-        while chunk := r.read(1 << 16): tmp.write(chunk); n += len(chunk)
+        while chunk := r.read(1 << 16): f.write(chunk); h.update(chunk); n += len(chunk)
     if expected is not None and n != int(expected): raise DataError(f"truncated: got {n} of {expected} bytes")
+    if h.hexdigest() != md5: raise DataError(f"md5 {h.hexdigest()}, expected {md5}")
 
 def download(fname:str, # file name, appended to each mirror's URL
              md5:str, # expected md5 of the file
@@ -116,20 +132,11 @@ def download(fname:str, # file name, appended to each mirror's URL
     "Path to `fname` in `dest`, downloaded from the first mirror that serves it with the right md5."
     dest = Path(dest or cache_dir()); target = dest/fname
     if target.exists() and md5sum(target) == md5: return target
-    dest.mkdir(parents=True, exist_ok=True)
     errors = []
     for base in mirrors:
         url = base.rstrip('/') + '/' + fname
-        fd, tmp = tempfile.mkstemp(prefix=f'.{fname}.', suffix='.part', dir=dest)
-        try:
-            with os.fdopen(fd, 'wb') as f: _fetch_to(url, f, timeout)
-            if (got := md5sum(tmp)) != md5: raise DataError(f"md5 {got}, expected {md5}")
-            os.replace(tmp, target)
-            return target
-        except (OSError, urllib.error.URLError, DataError) as e:
-            errors.append(f"{url}: {getattr(e, 'reason', None) or e}")
-        finally:
-            if os.path.exists(tmp): os.unlink(tmp)
+        try: return atomic_write(target, lambda f: _fetch_to(url, f, timeout, md5))
+        except (OSError, urllib.error.URLError, DataError) as e: errors.append(f"{url}: {getattr(e, 'reason', None) or e}")
     raise DataError(f"could not download {fname} into {dest}; tried " + '; '.join(errors or ['no mirrors']))
 
 # %% ../nbs/01_data.ipynb #969657b0

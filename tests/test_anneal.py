@@ -1,7 +1,7 @@
 """lesson9.anneal as a package: the LR finder leaves no trace (our SGD, torch's SGD and Adam; fresh or warm state;
 even when training fails), ParamScheduler with torch's optimizers and per-group schedules, a Recorder and one-cycle
 schedulers that never sync with the device per batch, plots that never touch pyplot, and the per-batch cost."""
-import copy, functools, math, time
+import copy, functools, math
 
 import matplotlib.pyplot as plt
 import pytest
@@ -373,29 +373,6 @@ def test_one_cycle_arguments():
         with pytest.raises(ValueError, match=msg): one_cycle(**kw)
 
 
-# ---------------------------------------------------------------- cost per batch
-
-
-def test_scheduler_and_recorder_cost_a_few_microseconds_per_batch():
-    "The per-batch work of a Recorder and the two one-cycle schedulers, measured on their own."
-    learn = _learner(OPTS['torch SGD momentum'])
-    cbs = [Recorder()] + one_cycle(0.1)
-    run = Runner(cbs)
-    run.learn, run.epochs, run.in_train = learn, 1, True
-    for cb in cbs: cb.begin_fit()
-    run.loss = torch.tensor(1.0)
-    handlers = [cbs[1].begin_batch, cbs[2].begin_batch, cbs[0].after_loss]
-    n = 20000
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for k in range(n):
-            run.pos = k/(n - 1)
-            for h in handlers: h()
-        best = min(best, (time.perf_counter() - t0)/n)
-    print(f"Recorder + lr and momentum schedulers: {best*1e6:.2f} us per batch")
-    assert best < 25e-6, f"{best*1e6:.1f} us per batch"
-    run.learn = None
 
 
 def test_lr_finder_after_an_earlier_callback_failed_at_begin_fit():
