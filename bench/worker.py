@@ -1,8 +1,10 @@
-"""One benchmark measurement in its own process: train one loop for one epoch, print one JSON line.
+"""One loop's measurement in its own process: for each model, train one epoch after a warm-up; one JSON line each.
 
 Run by `bench/run.py`; can also be run alone, e.g.
 
-    python bench/worker.py --loop 4 --model lesson --device cpu --threads 1
+    python bench/worker.py --loop 4 --models lesson,wide --device cpu --threads 1
+    python bench/worker.py --loop 4 --profile 30      # cProfile of the timed epoch, top 30 on stderr
+    python bench/worker.py --dataloader               # the DataLoader benchmark
 
 The loops (see bench/README.md):
   1 plain PyTorch, pre-loaded tensors, a shuffled index per epoch, one `index_select` per batch (the baseline)

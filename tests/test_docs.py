@@ -72,10 +72,10 @@ def site(tmp_path_factory):
     return SimpleNamespace(html=d/'html', seconds=seconds, log=r.stdout + r.stderr, nbs=nbs,
                            pages=[build_docs.page_name(p) for p in nbs])
 
-def test_build_is_strict_and_fast(site):
+def test_build_is_strict(site):
+    # the time is reported, not asserted: timings belong to benchmarks, not to the test suite
     print(f"docs build: {site.seconds:.1f} s; {site.log.strip()}")
     assert 'WARNING' not in site.log and 'ERROR' not in site.log, site.log
-    assert site.seconds < 180, f"the docs build took {site.seconds:.0f} s (limit 180 s)"
     for name in site.pages: assert (site.html/f'{name}.html').is_file(), f"no page for {name}"
 
 def test_sidebar_follows_the_numbered_notebooks(site):
