@@ -17,13 +17,7 @@ from lesson9.callbacks import Callback, DataBunch, Learner, Runner, get_runner
 from lesson9.training import SGD, DataLoader, Dataset, Optimizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "These models are tiny: one thread is fastest, and immune to a machine busy with other test workers."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n_train=96, n_valid=32, bs=8, n_in=6, c=3, seed=0):

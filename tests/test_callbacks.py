@@ -13,13 +13,7 @@ from lesson9.callbacks import (EVENTS, AvgStats, AvgStatsCallback, Callback, Can
                                get_model, get_runner, listify, print_stats)
 from lesson9.training import SGD, DataLoader, Dataset, Optimizer, accuracy, cross_entropy, fit, get_dls
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "These models are tiny: one thread is fastest, and immune to a machine busy with other test workers."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TRAIN = ['begin_batch', 'after_pred', 'after_loss', 'after_backward', 'after_step', 'after_batch']
