@@ -162,6 +162,6 @@ def main(argv:list=None # command-line arguments (default: sys.argv[1:])
         print(f"lesson9-train: error: {e}", file=sys.stderr)
         return 2
     f = s['final']
-    print(f"valid accuracy {f['valid_acc']:.4f} (loss {f['valid_loss']:.4f}) after {len(s['history'])} epochs "
+    print(f"valid accuracy {f['valid_acc']:.4f} (loss {f['valid_loss']:.4f}) after {len(s['history'])} epoch{'s'*(len(s['history']) > 1)} "
           f"in {s['seconds']:.1f}s; wrote summary.json, loss.png and lr.png in {args.out}")
     return 0
