@@ -339,20 +339,23 @@ def get_dls(train_ds, # training dataset (shuffled every epoch)
 # %% ../nbs/03_minibatch_training.ipynb #424829cc
 def _run_epoch(model, loss_func, dl, opt=None, on_batch=None):
     "One pass over `dl` (training if `opt` is given): `(mean loss, mean accuracy)` weighted by batch size."
-    tot_loss = tot_acc = 0.
+    tot_loss = n_correct = None
     count = 0
     for xb, yb in dl:
         out = model(xb)
         loss = loss_func(out, yb)
         if opt is not None:
             loss.backward(); opt.step(); opt.zero_grad()
+        if tot_loss is None:  # running sums live where the model computes: no sync per batch
+            tot_loss = torch.zeros((), dtype=torch.float64, device=out.device)
+            n_correct = torch.zeros((), dtype=torch.int64, device=out.device)
         n = len(yb)
-        tot_loss = tot_loss + loss.detach() * n   # stays on the device: no sync per batch
-        tot_acc = tot_acc + accuracy(out.detach(), yb) * n
+        tot_loss.add_(loss.detach(), alpha=n)
+        n_correct.add_((out.detach().argmax(-1) == yb).sum())
         count += n
         if on_batch is not None: on_batch()
     if count == 0: raise ValueError("the data loader yielded no batches")
-    return float(tot_loss) / count, float(tot_acc) / count
+    return tot_loss.item() / count, n_correct.item() / count
 
 def fit(epochs:int, # number of passes over the training data
         model:nn.Module, # called as `model(xb)`; switched between train() and eval()
