@@ -4,6 +4,7 @@
 #   bash tools/dev.sh train [lesson9-train options]   # the main job on the embedded MNIST
 #   bash tools/dev.sh test                            # every notebook (nbdev_test) + pytest
 #   bash tools/dev.sh docs                            # the docs site into docs/_build/html, and README.md
+#   bash tools/dev.sh bench [--quick|--device cuda]   # the speed benchmark (bench/README.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${LESSON9_VENV:-.venv}
@@ -35,5 +36,6 @@ case "$cmd" in
     OMP_NUM_THREADS=1 nbdev_test --n_workers 2
     python -m pytest -q tests ;;
   docs) exec python tools/build_docs.py "$@" ;;
-  *) echo "usage: bash tools/dev.sh train|test|docs [args]" >&2; exit 2 ;;
+  bench) exec python bench/run.py "$@" ;;
+  *) echo "usage: bash tools/dev.sh train|test|docs|bench [args]" >&2; exit 2 ;;
 esac
