@@ -2,7 +2,7 @@
 must end with the same losses and weights (to 1e-5). Loop 4 runs here with a constant-lr `ParamScheduler`
 (`sched_no(lr, lr)`), so that the whole Runner + Recorder + ParamScheduler path is exercised and must do
 exactly the arithmetic of the plain loop. Prints one JSON line."""
-import argparse, json, sys
+import argparse, json
 
 import worker
 

@@ -1,10 +1,11 @@
-"""One loop's measurement in its own process: for each model, train one epoch after a warm-up; one JSON line each.
+"""One loop in its own process: make the data, warm up, then time one-epoch fits; one JSON line per epoch.
 
-Run by `bench/run.py`; can also be run alone, e.g.
+`bench/run.py` starts one such process per loop with `--serve` and asks each in turn for one timed epoch,
+so that the loops run interleaved while each keeps its own process. Alone, e.g.
 
-    python bench/worker.py --loop 4 --models lesson,wide --device cpu --threads 1
-    python bench/worker.py --loop 4 --profile 30      # cProfile of the timed epoch, top 30 on stderr
-    python bench/worker.py --dataloader               # the DataLoader benchmark
+    python bench/worker.py --loop 4 --models lesson,wide --epochs 3
+    python bench/worker.py --loop 4 --epochs 1 --profile 30   # cProfile of the timed epoch, top 30 on stderr
+    python bench/worker.py --dataloader                        # the DataLoader benchmark
 
 The loops (see bench/README.md):
   1 plain PyTorch, pre-loaded tensors, a shuffled index per epoch, one `index_select` per batch (the baseline)
@@ -19,7 +20,7 @@ Every loop does the same work: the same synthetic data, the same initial weights
 validation pass (loss and accuracy, batch size 2*bs). This file imports only torch at the top, so that it
 also runs in the peers' virtual environment, where lesson9 is not installed.
 """
-import argparse, json, math, os, platform, resource, sys, time, warnings
+import argparse, json, math, os, resource, sys, time, warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,9 +157,10 @@ def loop3(model, lr, data, bs, seed):
     return run
 
 
-def one_cycle(lr, anneal):
-    "05's cosine one-cycle lr schedule: up from lr/25 to lr over the first 30% of training, then down to lr/1e4."
-    return anneal.combine_scheds([0.3, 0.7], [anneal.sched_cos(lr / 25, lr), anneal.sched_cos(lr, lr / 1e4)])
+def one_cycle_cbs(lr, anneal):
+    "05's cosine one-cycle for the lr alone (momentum stays 0, as in every other loop): `ParamScheduler` callbacks."
+    if hasattr(anneal, 'one_cycle'): return anneal.one_cycle(lr, moms=None)  # lr/25 -> lr at 30% -> lr/1e4
+    return [anneal.ParamScheduler('lr', anneal.combine_scheds([0.3, 0.7], [anneal.sched_cos(lr / 25, lr), anneal.sched_cos(lr, lr / 1e4)]))]
 
 
 def anneal_available():
@@ -181,8 +183,8 @@ def loop4(model, lr, data, bs, seed, schedule='one_cycle'):
         print("loop 4: lesson9.anneal does not exist yet: running without Recorder and ParamScheduler", file=sys.stderr)
     cbs = []
     if anneal is not None:
-        sched = one_cycle(lr, anneal) if schedule == 'one_cycle' else anneal.sched_no(lr, lr)
-        cbs = [anneal.Recorder(), anneal.ParamScheduler('lr', sched)]
+        scheds = one_cycle_cbs(lr, anneal) if schedule == 'one_cycle' else [anneal.ParamScheduler('lr', anneal.sched_no(lr, lr))]
+        cbs = [anneal.Recorder(), *scheds]
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     learn = Learner(model, opt, F.cross_entropy, DataBunch(train_dl, valid_dl, c=10))
     def run():
@@ -312,37 +314,59 @@ def warmup_data(data, bs):
     return [x[:n], y[:n], xv[:nv], yv[:nv]]
 
 
-def measure(loop, model_name, samples, device, seed=0, profiler=None):
-    "Time one epoch of `loop` on `model_name` after a warm-up; the result as a dict."
-    import gc, torch
-    spec = MODELS[model_name]
-    data = make_data(samples, seed, device)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    result = dict(loop=loop, name=LOOP_NAMES[loop], model=model_name, device=str(device),
-                  threads=torch.get_num_threads(), samples=samples, bs=spec['bs'])
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        # warm-up on a throw-away model and a tenth of the data: lazy imports, allocator pools, kernels, caches
-        LOOPS[loop](make_model(spec['sizes'], seed, device), spec['lr'], warmup_data(data, spec['bs']), spec['bs'], seed)()
-        sync()
-        model = make_model(spec['sizes'], seed, device)  # the same initial weights as every other loop
-        run = LOOPS[loop](model, spec['lr'], data, spec['bs'], seed)
-        gc.collect()
-        with Memory(device) as mem:
-            sync()
-            if profiler: profiler.enable()
-            t0, c0 = time.perf_counter(), time.process_time()
-            stats = run()
-            sync()
-            t1, c1 = time.perf_counter(), time.process_time()
-            if profiler: profiler.disable()
-    steps = math.ceil(samples / spec['bs'])
-    result.update(ms_per_epoch=(t1 - t0) * 1e3, cpu_ms_per_epoch=(c1 - c0) * 1e3, us_per_step=(t1 - t0) * 1e6 / steps,
-                  train_steps=steps, peak_mem=mem.peak, mem_at_start=mem.start, mem_kind=mem.kind, stats=stats)
-    if loop == 4: result['with_anneal'] = getattr(run, 'with_anneal', False)
-    del data, model, run
-    gc.collect()
-    return result
+class Bench:
+    "One loop on one model in this process: data made and the loop warmed up once; then `epoch()` times one fit."
+    def __init__(self, loop, model_name, samples, device, seed=0):
+        import torch
+        self.loop, self.model_name, self.samples, self.device, self.seed = loop, model_name, samples, device, seed
+        self.spec = spec = MODELS[model_name]
+        self.data = make_data(samples, seed, device)
+        self.sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            # warm-up on a throw-away model and a tenth of the data: lazy imports, allocator pools, kernels, caches
+            LOOPS[loop](make_model(spec['sizes'], seed, device), spec['lr'], warmup_data(self.data, spec['bs']), spec['bs'], seed)()
+        self.sync()
+
+    def epoch(self, profiler=None)->dict:
+        "Time a one-epoch fit from the same fresh weights and batch order as every other loop; the result as a dict."
+        import gc, torch
+        spec, dev = self.spec, self.device
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            model = make_model(spec['sizes'], self.seed, dev)  # the same initial weights as every other loop
+            run = LOOPS[self.loop](model, spec['lr'], self.data, spec['bs'], self.seed)
+            gc.collect()
+            with Memory(dev) as mem:
+                self.sync()
+                if profiler: profiler.enable()
+                t0, c0 = time.perf_counter(), time.process_time()
+                stats = run()
+                self.sync()
+                t1, c1 = time.perf_counter(), time.process_time()
+                if profiler: profiler.disable()
+        steps = math.ceil(self.samples / spec['bs'])
+        res = dict(loop=self.loop, name=LOOP_NAMES[self.loop], model=self.model_name, device=str(dev),
+                   threads=torch.get_num_threads(), samples=self.samples, bs=spec['bs'], train_steps=steps,
+                   ms_per_epoch=(t1 - t0) * 1e3, cpu_ms_per_epoch=(c1 - c0) * 1e3, us_per_step=(t1 - t0) * 1e6 / steps,
+                   peak_mem=mem.peak, mem_at_start=mem.start, mem_kind=mem.kind, stats=stats)
+        if self.loop == 4: res['with_anneal'] = getattr(run, 'with_anneal', False)
+        return res
+
+
+def serve(args, models):
+    """Keep one `Bench` per model; answer each line on stdin naming a model with one timed epoch as a JSON line.
+    Anything the loops print goes to stderr, so stdout carries only the protocol."""
+    import torch
+    out, sys.stdout = sys.stdout, sys.stderr
+    device = torch.device(args.device)
+    benches = {m: Bench(args.loop, m, args.wide_samples if m == 'wide' else args.samples, device, args.seed) for m in models}
+    def send(obj): out.write(json.dumps(obj) + '\n'); out.flush()
+    send({'ready': True, 'loop': args.loop})
+    for line in sys.stdin:
+        cmd = line.strip()
+        if not cmd or cmd == 'quit': break
+        send(benches[cmd].epoch())
 
 
 def dataloader_bench(args):
@@ -392,37 +416,37 @@ def dataloader_bench(args):
                 batches=batches, ms_per_epoch=times)
 
 
-def profile(loop, model_name, samples, device, top):
-    "Run the measured epoch of one loop under cProfile and print the top functions by own time to stderr."
-    import cProfile, pstats
-    prof = cProfile.Profile()
-    result = measure(loop, model_name, samples, device, profiler=prof)
-    pstats.Stats(prof, stream=sys.stderr).sort_stats('tottime').print_stats(top)
-    return result
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--loop', type=int, choices=sorted(LOOPS))
     p.add_argument('--dataloader', action='store_true', help='run the DataLoader benchmark instead of a loop')
-    p.add_argument('--models', default='lesson', help='comma-separated, measured one after the other in this process')
+    p.add_argument('--serve', action='store_true', help='for run.py: time one epoch of the model named on each stdin line')
+    p.add_argument('--models', default='lesson', help='comma-separated: lesson, wide')
     p.add_argument('--device', default='cpu')
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--samples', type=int, default=50_000, help='training samples per epoch (lesson MLP; DataLoader benchmark)')
     p.add_argument('--wide-samples', type=int, default=50_000, help='training samples per epoch for the wide MLP')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--epochs', type=int, default=3, help='timed epochs per model, each from the same fresh weights')
     p.add_argument('--reps', type=int, default=5, help='repetitions (DataLoader benchmark)')
-    p.add_argument('--profile', type=int, default=0, metavar='N', help='profile the measured epoch; print the top N functions')
+    p.add_argument('--profile', type=int, default=0, metavar='N', help='profile the timed epochs; print the top N functions')
     args = p.parse_args(argv)
     set_threads(args.threads)
     if args.dataloader: print(json.dumps(dataloader_bench(args))); return
     if args.loop is None: p.error('give --loop or --dataloader')
+    models = args.models.split(',')
+    if args.serve: return serve(args, models)
     import torch
-    device = torch.device(args.device)
-    for m in args.models.split(','):
-        n = args.wide_samples if m == 'wide' else args.samples
-        r = profile(args.loop, m, n, device, args.profile) if args.profile else measure(args.loop, m, n, device, args.seed)
-        print(json.dumps(r), flush=True)
+    prof = None
+    if args.profile:
+        import cProfile
+        prof = cProfile.Profile()
+    for m in models:
+        b = Bench(args.loop, m, args.wide_samples if m == 'wide' else args.samples, torch.device(args.device), args.seed)
+        for _ in range(args.epochs): print(json.dumps(b.epoch(prof)), flush=True)
+    if prof:
+        import pstats
+        pstats.Stats(prof, stream=sys.stderr).sort_stats('tottime').print_stats(args.profile)
 
 
 if __name__ == '__main__':

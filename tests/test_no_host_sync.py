@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lesson9.callbacks import DataBunch, Learner, get_model, get_runner
-from lesson9.training import SGD, DataLoader, Dataset, cross_entropy, fit, get_dls
+from lesson9.training import SGD, Dataset, cross_entropy, fit, get_dls
 
 try:
     from lesson9 import anneal
