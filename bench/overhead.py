@@ -4,12 +4,17 @@
 
 All variants train the lesson MLP on the same batches, in one process, alternating over `--reps` rounds;
 the table shows the fastest round's process CPU time per training batch (the minimum is the least disturbed
-by other processes on a busy machine) and the step from the previous line. Each step adds one thing:
+by other processes on a busy machine), the step from the previous line, and two ratios to b (loop 1):
+fastest over fastest, and the median over rounds of the paired ratio. Each step adds one thing:
 
   a  plain loop, no stats                       e  Runner(): TrainEvalCallback only
   b  + loop 1's stats (loss and correct count)  f  + AvgStatsCallback with no metric (the loss only)
   c  b with lesson9's `accuracy` per batch      g  + accuracy: get_runner()'s defaults
   d  03's fit                                   h  + Recorder + ParamScheduler (loop 4)
+
+and one that is not in lesson9 (yet), to size a possible change:
+
+  i  h, with AvgStats adding a metric's batch *sum* (the number correct) instead of weighting its batch mean
 """
 import argparse, statistics, sys, time
 
@@ -27,7 +32,7 @@ def main(argv=None):
     worker.set_threads(1)
     sys.path.insert(0, worker.REPO)
     from lesson9 import anneal
-    from lesson9.callbacks import AvgStatsCallback, DataBunch, Learner, Runner, get_runner
+    from lesson9.callbacks import AvgStats, AvgStatsCallback, DataBunch, Learner, Runner, get_runner
     from lesson9.training import accuracy, fit
 
     dev = torch.device(args.device)
@@ -57,6 +62,23 @@ def main(argv=None):
                 loss_sum.item(); correct.item()
         return run
 
+    class SumStats(AvgStats):
+        "AvgStats whose metrics return batch sums (e.g. the number correct), added as they are."
+        def accumulate(self, loss, pred, yb):
+            bn = len(yb)
+            if self.sums is None:
+                self.sums = [torch.zeros((), dtype=torch.float64, device=loss.device)] + \
+                            [torch.zeros((), dtype=torch.int64, device=loss.device) for _ in self.metrics]
+            self.sums[0].add_(loss.detach(), alpha=bn)
+            pred = pred.detach()
+            for s, m in zip(self.sums[1:], self.metrics.values()): s.add_(m(pred, yb))
+            self.count += bn
+    def n_correct(out, yb): return (out.argmax(1) == yb).sum()
+    def sum_stats_runner():
+        stats_cb = AvgStatsCallback(report=None)
+        stats_cb.train_stats, stats_cb.valid_stats = SumStats({'acc': n_correct}, True), SumStats({'acc': n_correct}, False)
+        return Runner([stats_cb, anneal.Recorder(), anneal.ParamScheduler('lr', sched)])
+
     sched = anneal.sched_cos(0.1, 0.01)
     variants = {
         'a plain, no stats': plain(None),
@@ -68,6 +90,7 @@ def main(argv=None):
         'g + accuracy: get_runner()': lambda: get_runner(report=None).fit(1, learn),
         'h + Recorder + ParamScheduler (loop 4)': lambda: get_runner([anneal.Recorder(), anneal.ParamScheduler('lr', sched)],
                                                                      report=None).fit(1, learn),
+        'i h, AvgStats adds the number correct': lambda: sum_stats_runner().fit(1, learn),
     }
     times = {k: [] for k in variants}
     for f in variants.values(): f()  # warm-up
@@ -76,16 +99,15 @@ def main(argv=None):
             sync(); t = time.process_time(); f(); sync()
             times[k].append(time.process_time() - t)
     n = len(train_dl)
-    print(f"per training batch, fastest of {args.reps} rounds ({n} training + {len(valid_dl)} validation batches per round)")
-    prev = base = None
+    print(f"per training batch ({n} training + {len(valid_dl)} validation batches per round, {args.reps} rounds): "
+          "fastest round, step from the line above, fastest / fastest of b, median over rounds of (variant / b)")
+    prev, base = None, times['b + loop 1 stats (loop 1)']
     for k, ts in times.items():
         us = min(ts) / n * 1e6
-        if k.startswith('b'): base = us
         step = '' if prev is None else f"{us - prev:+6.1f}"
-        vs = '' if base is None else f"{us / base:.3f} x b"
-        print(f"{k:40s} {us:7.1f} us  {step:>7s}  {vs}   (median {statistics.median(ts) / n * 1e6:.1f})")
+        paired = statistics.median([t / b for t, b in zip(ts, base)])
+        print(f"{k:40s} {us:7.1f} us  {step:>7s}  {min(ts) / min(base):.3f}  {paired:.3f}")
         prev = us
-
 
 if __name__ == '__main__':
     main()
