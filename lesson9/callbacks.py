@@ -183,8 +183,9 @@ class Runner:
         self.cbs, self._handlers = [], {}
         self.learn, self.epochs, self.epoch, self.in_train = None, 0, 0, False
         self.dl, self.iters, self.iter = None, 0, 0
-        self.xb = self.yb = self.pred = self.loss = self.loss_grad = self.error = None
+        self.xb = self.yb = self.pred = self.loss = self.loss_grad = self.error = self.event = None
         self.n_iter, self.n_epochs, self.pos = 0, 0., 0.
+        self._resume = None
         cbs = listify(cbs) + [f() for f in listify(cb_funcs)]
         if not any(isinstance(cb, TrainEvalCallback) for cb in cbs): cbs = [TrainEvalCallback()] + cbs
         self.add_cbs(cbs)
@@ -243,6 +244,7 @@ class Runner:
             close = difflib.get_close_matches(str(event), EVENTS, n=1)
             raise ValueError(f"unknown event {event!r}" + (f"; did you mean {close[0]!r}?" if close else '')
                              + f" Events are: {', '.join(EVENTS)}") from None
+        self.event = event
         for h in handlers:
             if h() is True:
                 raise TypeError(f"{h.__qualname__} returned True: return values are ignored; "
@@ -291,39 +293,99 @@ class Runner:
         self('after_step')
         learn.opt.zero_grad()
 
-    def all_batches(self, dl):
-        "Run every batch of `dl`, setting `dl`, `iters` and `iter`."
+    def all_batches(self, dl, start:int=0):
+        "Run the batches of `dl` from batch `start` (0: all of them), setting `dl`, `iters` and `iter`."
         self.dl, self.iters = dl, len(dl)
-        for self.iter, (xb, yb) in enumerate(dl): self.one_batch(xb, yb)
+        if start >= self.iters: return  # a phase that was already complete when the run was saved
+        for self.iter, (xb, yb) in enumerate(_batches_from(dl, start), start): self.one_batch(xb, yb)
 
     def _do_epoch(self):
-        self.all_batches(self.data.train_dl)
+        skip_train = skip_valid = 0
+        if self._resume is not None:  # carrying on inside this epoch, whose begin_epoch has just run again
+            r = self._load_resume()
+            skip_train, skip_valid = (r['iter'], 0) if r['in_train'] else (len(self.data.train_dl), r['iter'])
+        self.all_batches(self.data.train_dl, skip_train)
         if self.data.valid_dl is None: return
         self.in_train = False
         with torch.no_grad():
             self('begin_validate')
-            self.all_batches(self.data.valid_dl)
+            self.all_batches(self.data.valid_dl, skip_valid)
 
     def _do_fit(self):
-        for self.epoch in range(self.epochs):
+        start = 0
+        if self._resume is not None:
+            start = self._resume['epoch']
+            if self._resume['iter'] == 0 and self._resume['in_train']: self._load_resume()  # saved between epochs
+        for self.epoch in range(start, self.epochs):
             self.in_train = True
             self._with_events(self._do_epoch, 'epoch')
 
+    def state_dict(self)->dict:
+        """Where the loop is and what its callbacks hold: the next batch to run (`epoch`, `in_train`, `iter`),
+        the counters, and the `state_dict()` of every callback whose class defines one. Call it at
+        `after_batch` or `after_epoch`; `fit(..., resume=state)` carries on from there."""
+        if self.event == 'after_batch': nxt = dict(epoch=self.epoch, in_train=self.in_train, iter=self.iter + 1)
+        elif self.event == 'after_epoch': nxt = dict(epoch=self.epoch + 1, in_train=True, iter=0)
+        else: raise ValueError(f"a runner's state can be saved at after_batch or after_epoch, not at {self.event!r}")
+        cbs = {}
+        for cb in self.cbs:
+            if _own(cb, 'state_dict') is None: continue
+            if cb.name in cbs: raise ValueError(f"two callbacks named {cb.name!r} hold state: rename one")
+            cbs[cb.name] = cb.state_dict()
+        return dict(nxt, epochs=self.epochs, n_iter=self.n_iter, n_epochs=self.n_epochs, pos=self.pos, cbs=cbs)
+
+    def _load_resume(self)->dict:
+        "Apply the state given to `fit(resume=)`: the counters and every callback's state."
+        r, self._resume = self._resume, None
+        self.n_iter, self.n_epochs, self.pos = r['n_iter'], r['n_epochs'], r['pos']
+        mine = {cb.name: cb for cb in self.cbs if _own(cb, 'load_state_dict') is not None}
+        if set(mine) != set(r['cbs']):
+            raise ValueError(f"the saved state is for callbacks with state {sorted(r['cbs'])}, but this runner's "
+                             f"are {sorted(mine)}: resume with the same callbacks")
+        for k, cb in mine.items(): cb.load_state_dict(r['cbs'][k])
+        return r
+
     def fit(self, epochs:int, # number of passes over the training data
-            learn:Learner # what to train
+            learn:Learner, # what to train
+            resume:dict=None # a `state_dict()` saved during an earlier fit of this learner: carry on from there
            ):
-        "Train `learn` for `epochs` epochs, firing the events to the callbacks."
+        "Train `learn` for `epochs` epochs, firing the events to the callbacks; a fit that raises leaves no gradients behind."
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
         missing = [k for k in ('model', 'opt', 'loss_func', 'data') if not hasattr(learn, k)]
         if missing: raise TypeError(f"learn must have model, opt, loss_func and data; {learn!r} lacks {missing}")
-        self.epochs, self.learn, self.epoch, self.iter = epochs, learn, 0, 0
+        if resume is not None: _check_resume(resume, epochs)
+        self.epochs, self.learn, self.epoch, self.iter, self.error = epochs, learn, 0, 0, None
+        self._resume = resume
         for cb in self.cbs: _check_event_names(cb); cb.set_runner(self)
         self._build_handlers()  # callbacks may have gained methods since they were added
         try: self._with_events(self._do_fit, 'fit')
+        except BaseException:
+            learn.opt.zero_grad()  # the failed batch's gradients must not reach the next fit's first step
+            raise
         finally:  # drop references so the model, data and last batch can be freed
-            self.learn = self.dl = self.xb = self.yb = self.pred = self.loss = self.loss_grad = None
+            self.learn = self.dl = self.xb = self.yb = self.pred = self.loss = self.loss_grad = self._resume = None
             self.in_train = False
+
+def _own(cb, name):
+    "`cb`'s own attribute `name` (from its instance or class), never the runner's through `__getattr__`."
+    return cb.__dict__.get(name, getattr(type(cb), name, None))
+
+def _batches_from(dl, start):
+    "`iter(dl)`, or the rest of its latest epoch from batch `start` for a loader that can continue one."
+    if start == 0: return iter(dl)
+    if not callable(getattr(dl, 'iter_from', None)):
+        raise ValueError(f"{type(dl).__name__} cannot continue an epoch from batch {start} (it has no iter_from): "
+                         "resume from an epoch end, or use lesson9.training.DataLoader")
+    return dl.iter_from(start)
+
+def _check_resume(r, epochs):
+    "Raise unless `r` looks like a `Runner.state_dict()` of a fit of `epochs` epochs."
+    keys = {'epoch', 'in_train', 'iter', 'epochs', 'n_iter', 'n_epochs', 'pos', 'cbs'}
+    if not isinstance(r, dict) or not keys <= set(r):
+        raise ValueError(f"resume must be a Runner.state_dict(); missing {sorted(keys - set(r)) if isinstance(r, dict) else r!r}")
+    if r['epochs'] != epochs: raise ValueError(f"the saved run is a fit of {r['epochs']} epochs, not {epochs}: resume it with epochs={r['epochs']}")
+    if not 0 <= r['epoch'] <= epochs: raise ValueError(f"the saved position, epoch {r['epoch']}, is outside 0..{epochs}")
 
 # %% ../nbs/04_callbacks.ipynb #21747dd1
 _BATCH_BODY = ('begin_batch', 'after_pred', 'after_loss', 'after_backward', 'after_step')
@@ -451,6 +513,18 @@ class AvgStats:
     def __repr__(self):
         return f"{'train' if self.in_train else 'valid'}: " + ' '.join(f"{k.split('_', 1)[1]} {v:.4f}" for k, v in self.as_dict().items())
 
+    def state_dict(self)->dict:
+        "The running sums (copies) and the sample count, to continue the phase after a restart."
+        return {'count': self.count, 'sums': None if self.sums is None else [s.detach().clone() for s in self.sums]}
+
+    def load_state_dict(self, sd:dict # from `state_dict()` of stats with the same metrics
+                       ):
+        "Continue from saved sums and count."
+        sums = sd['sums']
+        if sums is not None and len(sums) != 1 + len(self.metrics):
+            raise ValueError(f"the saved stats have {len(sums) - 1} metrics, these have {len(self.metrics)} ({', '.join(self.metrics)})")
+        self.count, self.sums = sd['count'], None if sums is None else [s.clone() for s in sums]
+
 # %% ../nbs/04_callbacks.ipynb #ba6cdbf8
 def format_stats(record:dict # one epoch's record from `AvgStatsCallback`
                 )->str:
@@ -490,6 +564,17 @@ class AvgStatsCallback(Callback):
         record = {'epoch': self.run.epoch, **self.train_stats.as_dict(), **self.valid_stats.as_dict()}
         self.history.append(record)
         if self.report is not None: self.report(record)
+
+    def state_dict(self)->dict:
+        "Both phases' running sums and the history so far."
+        return {'train': self.train_stats.state_dict(), 'valid': self.valid_stats.state_dict(),
+                'history': [dict(r) for r in self.history]}
+
+    def load_state_dict(self, sd:dict # from `state_dict()`
+                       ):
+        "Continue from saved sums and history."
+        self.train_stats.load_state_dict(sd['train']); self.valid_stats.load_state_dict(sd['valid'])
+        self.history = [dict(r) for r in sd['history']]
 
 # %% ../nbs/04_callbacks.ipynb #6ba8ddf9
 def get_runner(cbs=None, # more callback instances
@@ -570,6 +655,21 @@ class GradientAccumulation(Callback):
             for p in g['params']:
                 if p.grad is not None: p.grad.div_(self.samples)
         self.samples = self.batches = 0
+
+    def _params(self): return [p for g in self.run.opt.param_groups for p in g['params']]
+
+    def state_dict(self)->dict:
+        "The open window: its counts and the gradients added up so far."
+        return {'samples': self.samples, 'batches': self.batches,
+                'grads': [None if p.grad is None else p.grad.detach().clone() for p in self._params()]}
+
+    def load_state_dict(self, sd:dict # from `state_dict()`, with the same parameters
+                       ):
+        "Reopen a saved window: its counts and gradients."
+        ps = self._params()
+        if len(sd['grads']) != len(ps): raise ValueError(f"the saved window has gradients for {len(sd['grads'])} parameters, this optimizer has {len(ps)}")
+        for p, g in zip(ps, sd['grads']): p.grad = None if g is None else g.to(p.device, p.dtype).clone()
+        self.samples, self.batches = sd['samples'], sd['batches']
 
 # %% ../nbs/04_callbacks.ipynb #bc1aaba0
 class ProgressCallback(Callback):

@@ -261,13 +261,45 @@ class Sampler:
         _check_int('n', self.n, 0); _check_int('bs', bs, 1)
         self.bs, self.shuffle, self.drop_last, self.device = bs, shuffle, drop_last, device
         self.generator = _as_generator(seed)
+        self.order = None  # the order of the latest epoch, kept so that an epoch can be continued
 
     def __len__(self): return self.n // self.bs if self.drop_last else math.ceil(self.n / self.bs)
 
     def __iter__(self):
         idxs = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
         if self.device is not None: idxs = idxs.to(self.device)
-        for i in range(0, len(self) * self.bs, self.bs): yield idxs[i:i+self.bs]
+        self.order = idxs
+        return self._batches(idxs, 0)
+
+    def iter_from(self, start:int # the batch to start at
+                 ):
+        "Continue the latest epoch's order from batch `start`, drawing nothing (to resume an interrupted epoch)."
+        _check_int('start', start, 0)
+        if start == 0: return iter(self)
+        if self.order is None:
+            if self.shuffle: raise ValueError(f"no epoch to continue from batch {start}: this sampler has not started one")
+            return self._batches(torch.arange(self.n, device=self.device), start)  # in order: nothing to remember
+        return self._batches(self.order, start)
+
+    def _batches(self, idxs, start):
+        for i in range(start * self.bs, len(self) * self.bs, self.bs): yield idxs[i:i+self.bs]
+
+    def state_dict(self)->dict:
+        "Its own generator's state (None for torch's global one) and the latest epoch's order."
+        g = self.generator
+        return {'generator': None if g is None else g.get_state(),
+                'order': None if self.order is None else self.order.cpu()}
+
+    def load_state_dict(self, sd:dict # from `state_dict()` of a sampler over the same number of samples
+                       ):
+        "Restore the generator and the epoch order, so that the next epoch, or `iter_from`, continues exactly."
+        order, g = sd['order'], sd['generator']
+        if order is not None and len(order) != self.n:
+            raise ValueError(f"the saved order is over {len(order)} samples, but this sampler has {self.n}")
+        if (g is None) != (self.generator is None):
+            raise ValueError("the saved sampler and this one differ in using torch's global generator or their own (seed=None vs an int)")
+        if g is not None: self.generator.set_state(g)
+        self.order = None if order is None else order.to(self.device) if self.device is not None else order
 
 # %% ../nbs/03_minibatch_training.ipynb #4e352ae7
 def collate(batch:list # samples, each a tuple of tensors (or numbers)
@@ -310,9 +342,23 @@ class DataLoader:
         if self.fast: return self.ds[idxs]
         return self.collate_fn([self.ds[i] for i in idxs.tolist()])
 
-    def __iter__(self):
-        if self.num_workers == 0: return map(self.fetch, self.sampler)
-        return self._prefetch(iter(self.sampler))
+    def __iter__(self): return self._batches(iter(self.sampler))
+
+    def iter_from(self, start:int # the batch to start at
+                 ):
+        "The rest of the latest epoch from batch `start` (see `Sampler.iter_from`)."
+        return self._batches(self.sampler.iter_from(start))
+
+    def state_dict(self)->dict:
+        "The sampler's state: what a checkpoint needs to continue or repeat an epoch."
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, sd:dict # from `state_dict()`
+                       ): self.sampler.load_state_dict(sd)
+
+    def _batches(self, idx_batches):
+        if self.num_workers == 0: return map(self.fetch, idx_batches)
+        return self._prefetch(idx_batches)
 
     def _prefetch(self, batches):
         "Fetch batches ahead in worker threads; yield them in order; stop the threads when closed."
