@@ -57,6 +57,17 @@ class Recorder(Callback):
             self._chunks.append(torch.stack(pending))
             pending.clear()
 
+    def state_dict(self)->dict:
+        "What was recorded so far: the lrs as floats and the losses as one tensor."
+        return {'lrs': self.lrs, 'losses': torch.tensor(self.losses, dtype=torch.float64)}
+
+    def load_state_dict(self, sd:dict # from `state_dict()`
+                       ):
+        "Continue recording after what was saved."
+        losses = sd['losses']
+        self._lrs, self._pending = [list(g) for g in sd['lrs']], []
+        self._chunks = [losses] if len(losses) else []
+
     @property
     def lrs(self)->list:
         "For each param group, the lr of every training batch (Python floats)."
@@ -66,7 +77,9 @@ class Recorder(Callback):
     def losses(self)->list:
         "The loss of every training batch as Python floats (one host sync)."
         parts = self.__dict__.get('_chunks', []) + ([torch.stack(self._pending)] if self.__dict__.get('_pending') else [])
-        return torch.cat(parts).tolist() if parts else []
+        if not parts: return []
+        dev = parts[-1].device  # the first part may be a loaded one, on the CPU
+        return torch.cat([p.to(dev) for p in parts]).tolist()
 
     def _check_recorded(self):
         if not self.__dict__.get('_lrs') or not self._lrs[0]:
@@ -122,6 +135,8 @@ class Recorder(Callback):
         return fig
 
 # %% ../nbs/05_anneal.ipynb #15895f75
+_LIMITS = {'lr': (0, math.inf), 'weight_decay': (0, math.inf), 'momentum': (0, 1), 'dampening': (0, 1)}  # what optimizers accept
+
 class ParamScheduler(Callback):
     "Sets hyper-parameter `pname` of each param group to `sched(pos)` before every training batch."
     _order = 1  # after TrainEvalCallback, which updates `pos`
@@ -160,9 +175,20 @@ class ParamScheduler(Callback):
     def _set(self, pos):
         groups, k = self.run.opt.param_groups, self.pname
         if self._betas:
-            for g, f in zip(groups, self._funcs): g['betas'] = (f(pos), g['betas'][1])
+            for g, f in zip(groups, self._funcs): g['betas'] = (self._checked(f(pos), pos), g['betas'][1])
         else:
-            for g, f in zip(groups, self._funcs): g[k] = f(pos)
+            for g, f in zip(groups, self._funcs): g[k] = self._checked(f(pos), pos)
+
+    def _checked(self, v, pos):
+        "`v`, unless it is a number the optimizer must not get (a tensor is passed on unchecked: reading it would sync)."
+        if isinstance(v, Tensor): return v
+        low, high = _LIMITS.get(self.pname, (-math.inf, math.inf))
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v < high: return v
+        run = self.run
+        where = (f"epoch {run.epoch + 1}, training batch {run.iter + 1}" if run.event == 'begin_batch' else 'the start of training')
+        need = 'a finite number' + ('' if low == -math.inf else f' in [{low}, {high})' if high < math.inf else f' >= {low}')
+        raise ValueError(f"ParamScheduler({self.pname!r}) scheduled {self.pname}={v!r} at {where} (pos {float(pos):.4g}): "
+                         f"{self.pname} must be {need}")
 
     def begin_batch(self):
         run = self.run
@@ -380,22 +406,36 @@ class LRFindResult:
         if path is not None: save_figure(fig, path)
         return fig
 
-def _snapshot(model, opt)->dict:
-    "Copies of everything training changes in `model` and `opt`."
+def _rng_state()->dict:
+    "torch's global random state, on the CPU and on every CUDA device that has been used."
+    return {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+
+def _set_rng_state(s:dict):
+    torch.set_rng_state(s['cpu'])
+    if s['cuda']: torch.cuda.set_rng_state_all(s['cuda'])
+
+def _snapshot(model, opt, loaders=())->dict:
+    "Copies of everything training changes: `model` (buffers that `state_dict` leaves out too), `opt`, the random state and `loaders`."
     return dict(model={k: v.detach().clone() for k, v in model.state_dict().items()},
+                buffers={k: v.detach().clone() for k, v in model.named_buffers()},
                 grads=[None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
                 modes=[m.training for m in model.modules()],
-                opt=copy.deepcopy(opt.state_dict()))
+                opt=copy.deepcopy(opt.state_dict()), rng=_rng_state(),
+                loaders=[(dl, copy.deepcopy(dl.state_dict())) for dl in loaders if callable(getattr(dl, 'state_dict', None))])
 
 def _restore(model, opt, saved:dict):
-    "Put `model` and `opt` back as `_snapshot` found them, copying into the existing tensors."
-    with torch.no_grad(): model.load_state_dict(saved['model'])
+    "Put everything back as `_snapshot` found it, copying into the existing tensors."
+    with torch.no_grad():
+        model.load_state_dict(saved['model'])
+        for k, b in model.named_buffers(): b.copy_(saved['buffers'][k])
     for p, g in zip(model.parameters(), saved['grads']): p.grad = g
     for m, mode in zip(model.modules(), saved['modes']): m.training = mode
     opt.load_state_dict(saved['opt'])
+    _set_rng_state(saved['rng'])
+    for dl, sd in saved['loaders']: dl.load_state_dict(sd)
 
 class LRFinder(Callback):
-    "Grows the lr exponentially over at most `max_iter` training batches, stops on divergence, then restores the model and optimizer."
+    "Grows the lr exponentially over at most `max_iter` training batches, stops on divergence, then restores the model, optimizer, loaders and random state."
     _order = 1  # after TrainEvalCallback; its lr is set at begin_batch like a ParamScheduler's
     def __init__(self, max_iter:int=100, # most training batches to try
                  min_lr:float=1e-6, # lr of the first batch
@@ -413,7 +453,7 @@ class LRFinder(Callback):
 
     def begin_fit(self):
         run = self.run
-        self._saved = _snapshot(run.model, run.opt)
+        self._saved = _snapshot(run.model, run.opt, [run.data.train_dl, run.data.valid_dl])
         self._sched = sched_exp(self.min_lr, self.max_lr)
         self._lrs, self._losses, self._best, self._stop = [], [], math.inf, 'out of data'
         self._n, self._lr = 0, None
@@ -445,7 +485,7 @@ class LRFinder(Callback):
         _restore(self.run.model, self.run.opt, saved)
         self.result = LRFindResult(self._lrs, self._losses, self._stop)
 
-def lr_find(learn, # a `Learner`; its model and optimizer are left exactly as they were
+def lr_find(learn, # a `Learner`; its model, optimizer and loaders, and torch's random state, are left exactly as they were
             max_iter:int=100, # most training batches to try
             min_lr:float=1e-6, # lr of the first batch
             max_lr:float=10., # lr of batch `max_iter`
