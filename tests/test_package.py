@@ -44,7 +44,7 @@ def test_wheel_carries_the_embedded_data(tmp_path):
 def test_entry_points_reject_bad_options_in_one_line(cmd, tmp_path):
     r = subprocess.run(cmd + ['--lr', 'fast'], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ''
-    assert r.stderr.strip().splitlines() == ["lesson9-train: error: argument --lr: expected a float, got 'fast'"]
+    assert r.stderr.strip().splitlines() == ["lesson9-train: error: argument --lr: expected a number, got 'fast'"]
     assert 'Traceback' not in r.stderr
 
 
