@@ -135,15 +135,17 @@ def _watching(conn:type, # an `http.client` connection class
     return Watched
 
 class _WatchedHTTP(urllib.request.HTTPHandler):
+    "urllib's handler for http:// URLs, with connections that hand their sockets to `watch`."
     def __init__(self, watch): super().__init__(); self.conn = _watching(http.client.HTTPConnection, watch)
     def http_open(self, req): return self.do_open(self.conn, req)
 
 class _WatchedHTTPS(urllib.request.HTTPSHandler):
+    "urllib's handler for https:// URLs, with connections that hand their sockets to `watch`."
     def __init__(self, watch): super().__init__(); self.conn = _watching(http.client.HTTPSConnection, watch)
     def https_open(self, req): return self.do_open(self.conn, req)
 
 class _Deadline:
-    "Context manager: shut down every connection `opener` makes once `seconds` have passed."
+    "Context manager: once `seconds` have passed, shut down every connection its `opener` made."
     def __init__(self, seconds:float):
         self.expired, self._socks, self._lock = False, [], threading.Lock()
         self._timer = threading.Timer(seconds, self._expire); self._timer.daemon = True
@@ -221,6 +223,17 @@ def _check_seconds(name:str, value)->float:
         raise DataError(f"{name} must be a positive finite number of seconds, got {value!r}")
     return float(value)
 
+def _check_request(fname, md5, mirrors)->list:
+    "`mirrors` as a list, after a one-line error for a bad file name, md5 or mirror."
+    if not isinstance(fname, str) or fname in ('', '.', '..') or '/' in fname or os.sep in fname:
+        raise DataError(f"fname must be a plain file name, got {fname!r}")
+    if not isinstance(md5, str) or not re.fullmatch(r'[0-9a-fA-F]{32}', md5): raise DataError(f"md5 must be 32 hex digits, got {md5!r}")
+    if isinstance(mirrors, str): raise DataError(f"mirrors must be a list of base URLs, got the string {mirrors!r}")
+    mirrors = list(mirrors)
+    for m in mirrors:
+        if not isinstance(m, str) or not urllib.parse.urlsplit(m).scheme: raise DataError(f"mirror {m!r} is not a URL")
+    return mirrors
+
 def _reason(e:BaseException)->str:
     "A short account of why a fetch failed."
     if isinstance(e, urllib.error.HTTPError): return f"HTTP {e.code} {e.reason}"
@@ -238,13 +251,7 @@ def download(fname:str, # file name, appended to each mirror's URL
              deadline:float=600. # seconds one mirror has to deliver the whole file
             )->Path:
     "Path to `fname` in `dest`, downloaded from the first mirror that serves it with the right md5."
-    if not isinstance(fname, str) or fname in ('', '.', '..') or '/' in fname or os.sep in fname:
-        raise DataError(f"fname must be a plain file name, got {fname!r}")
-    if not isinstance(md5, str) or not re.fullmatch(r'[0-9a-fA-F]{32}', md5): raise DataError(f"md5 must be 32 hex digits, got {md5!r}")
-    if isinstance(mirrors, str): raise DataError(f"mirrors must be a list of base URLs, got the string {mirrors!r}")
-    mirrors = list(mirrors)
-    for m in mirrors:
-        if not isinstance(m, str) or not urllib.parse.urlsplit(m).scheme: raise DataError(f"mirror {m!r} is not a URL")
+    mirrors = _check_request(fname, md5, mirrors)
     timeout, deadline, md5 = _check_seconds('timeout', timeout), _check_seconds('deadline', deadline), md5.lower()
     dest = Path(dest or cache_dir()); target = dest/fname
     if target.exists() and md5sum(target) == md5: return target  # no lock needed: files are only ever replaced whole
