@@ -8,8 +8,12 @@ __all__ = ['EMBEDDED_SHA256', 'EMBEDDED_PATH', 'MNIST_FILES', 'MNIST_MIRRORS', '
            'load_mnist', 'get_data', 'load_npz']
 
 # %% ../nbs/01_data.ipynb #2428c727
-import gzip, hashlib, importlib, os, tempfile, urllib.error, urllib.request
+import contextlib, gzip, hashlib, http.client, importlib, math, numbers, os, re, secrets, socket, threading
+import urllib.error, urllib.parse, urllib.request
 from pathlib import Path
+
+try: import fcntl
+except ImportError: fcntl = None  # Windows: no flock; see `_locked`
 
 import numpy as np
 import torch
@@ -105,39 +109,164 @@ def atomic_write(path:Path, # the file to (re)write
                 )->Path:
     "Write `path` through a temporary file in its folder, renamed into place only if `write` returns: on error nothing changes."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.part', dir=path.parent)
+    # open(..., 'xb') creates the file with mode 0o666 and lets the kernel take the umask off, as for any
+    # file the user saves (mkstemp would force 0o600); nothing reads or changes the process-wide umask
+    tmp = path.parent/f'.{path.name}.{secrets.token_hex(8)}.part'
+    f = open(tmp, 'xb')
     try:
-        with os.fdopen(fd, 'wb') as f: write(f)
+        with f:
+            write(f)
+            f.flush(); os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
+    except BaseException:  # Ctrl-C and SystemExit too: no .part is left behind
+        tmp.unlink(missing_ok=True); raise
     return path
 
+# %% ../nbs/01_data.ipynb #6ec9c590
+def _watching(conn:type, # an `http.client` connection class
+              watch # called with each socket the connection opens; returns it
+             )->type:
+    "A subclass of `conn` that hands each socket it opens to `watch`."
+    class Watched(conn):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            create = self._create_connection  # http.client's hook for opening the TCP socket
+            self._create_connection = lambda *a, **kw: watch(create(*a, **kw))
+    return Watched
+
+class _WatchedHTTP(urllib.request.HTTPHandler):
+    "urllib's handler for http:// URLs, with connections that hand their sockets to `watch`."
+    def __init__(self, watch): super().__init__(); self.conn = _watching(http.client.HTTPConnection, watch)
+    def http_open(self, req): return self.do_open(self.conn, req)
+
+class _WatchedHTTPS(urllib.request.HTTPSHandler):
+    "urllib's handler for https:// URLs, with connections that hand their sockets to `watch`."
+    def __init__(self, watch): super().__init__(); self.conn = _watching(http.client.HTTPSConnection, watch)
+    def https_open(self, req): return self.do_open(self.conn, req)
+
+class _Deadline:
+    "Context manager: once `seconds` have passed, shut down every connection its `opener` made."
+    def __init__(self, seconds:float):
+        self.expired, self._socks, self._lock = False, [], threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire); self._timer.daemon = True
+        self.opener = urllib.request.build_opener(_WatchedHTTP(self._watch), _WatchedHTTPS(self._watch))
+    def __enter__(self): self._timer.start(); return self
+    def __exit__(self, *exc):
+        self._timer.cancel()
+        with self._lock:
+            for s in self._socks: s.close()
+            self._socks = []
+    def _watch(self, sock):
+        # keep a duplicate descriptor of the connection: it can still be shut down after TLS has
+        # wrapped (and detached) the original socket object
+        with self._lock:
+            self._socks.append(sock.dup())
+            if self.expired: _shutdown(sock)
+        return sock
+    def _expire(self):
+        with self._lock:
+            self.expired = True
+            for s in self._socks: _shutdown(s)
+
+def _shutdown(sock):
+    "Shut down both directions of `sock`: a read blocked on it returns at once with the end of the stream."
+    try: sock.shutdown(socket.SHUT_RDWR)
+    except OSError: pass  # already closed
+
 # %% ../nbs/01_data.ipynb #59d0d224
-def _fetch_to(url, f, timeout, md5):
-    "Stream `url` into the open file `f`; raise unless all announced bytes arrive and their md5 is `md5`."
-    h = hashlib.md5()
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        expected, n = r.headers.get('Content-Length'), 0
-        while chunk := r.read(1 << 16): f.write(chunk); h.update(chunk); n += len(chunk)
-    if expected is not None and n != int(expected): raise DataError(f"truncated: got {n} of {expected} bytes")
+def _fetch_to(url:str, f, timeout:float, deadline:float, md5:str):
+    "Stream `url` into the open file `f` within `deadline` seconds; raise unless all announced bytes arrive and their md5 is `md5`."
+    h, n, expected = hashlib.md5(), 0, None
+    with _Deadline(deadline) as dl:
+        try:
+            with dl.opener.open(url, timeout=timeout) as r:
+                try: expected = int(r.headers['Content-Length'])
+                except (TypeError, ValueError): pass  # no length announced, or a malformed one
+                # read1 returns after one read of the socket, so even a trickle comes back to this loop
+                while chunk := r.read1(1 << 16): f.write(chunk); h.update(chunk); n += len(chunk)
+        except Exception:
+            if not dl.expired: raise  # else the deadline's shutdown caused it: reported below
+    if dl.expired and not (expected in (None, n) and h.hexdigest() == md5):
+        raise DataError(f"cut off by the {deadline:g}s deadline after {n} bytes")
+    if expected is not None and n != expected: raise DataError(f"truncated: got {n} of {expected} bytes")
     if h.hexdigest() != md5: raise DataError(f"md5 {h.hexdigest()}, expected {md5}")
+
+# %% ../nbs/01_data.ipynb #7cc543f4
+@contextlib.contextmanager
+def _locked(path:Path # the file to guard; the lock is `.<name>.lock` in its folder
+           ):
+    "Hold an exclusive `flock` on a lock file next to `path` for the `with` block, waiting while another process holds it."
+    if fcntl is None: yield; return  # no flock here: processes may each download, and each rename is still whole
+    lock = path.parent/f'.{path.name}.lock'
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # the holder before us deletes the file as it lets go: if it did, the lock we got is on a
+            # file no newcomer sees, so start again with the file now at that name
+            try: current = os.path.samestat(os.fstat(fd), os.stat(lock))
+            except FileNotFoundError: current = False
+        except BaseException: os.close(fd); raise
+        if current: break
+        os.close(fd)
+    try: yield
+    finally:
+        # delete while still holding it, so the folder keeps no lock files. A process that dies here
+        # leaves at most an unlocked file: flock locks end with the process, and the next caller takes it
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+# %% ../nbs/01_data.ipynb #778ccee2
+def _check_seconds(name:str, value)->float:
+    "`value` as a float, or a one-line error naming `name` unless it is a positive finite number of seconds."
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise DataError(f"{name} must be a positive finite number of seconds, got {value!r}")
+    return float(value)
+
+def _check_request(fname, md5, mirrors)->list:
+    "`mirrors` as a list, after a one-line error for a bad file name, md5 or mirror."
+    if not isinstance(fname, str) or fname in ('', '.', '..') or '/' in fname or os.sep in fname:
+        raise DataError(f"fname must be a plain file name, got {fname!r}")
+    if not isinstance(md5, str) or not re.fullmatch(r'[0-9a-fA-F]{32}', md5): raise DataError(f"md5 must be 32 hex digits, got {md5!r}")
+    if isinstance(mirrors, str): raise DataError(f"mirrors must be a list of base URLs, got the string {mirrors!r}")
+    mirrors = list(mirrors)
+    for m in mirrors:
+        if not isinstance(m, str) or not urllib.parse.urlsplit(m).scheme: raise DataError(f"mirror {m!r} is not a URL")
+    return mirrors
+
+def _reason(e:BaseException)->str:
+    "A short account of why a fetch failed."
+    if isinstance(e, urllib.error.HTTPError): return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError):
+        if not isinstance(e.reason, BaseException): return str(e.reason)
+        e = e.reason  # the socket or ssl error underneath
+    if isinstance(e, DataError): return str(e)
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 def download(fname:str, # file name, appended to each mirror's URL
              md5:str, # expected md5 of the file
              dest:Path=None, # folder to keep it in (default: `cache_dir()`)
              mirrors=MNIST_MIRRORS, # base URLs tried in order
-             timeout:float=30. # seconds per connection attempt
+             timeout:float=30., # seconds any one connect or read may wait
+             deadline:float=600. # seconds one mirror has to deliver the whole file
             )->Path:
     "Path to `fname` in `dest`, downloaded from the first mirror that serves it with the right md5."
+    mirrors = _check_request(fname, md5, mirrors)
+    timeout, deadline, md5 = _check_seconds('timeout', timeout), _check_seconds('deadline', deadline), md5.lower()
     dest = Path(dest or cache_dir()); target = dest/fname
-    if target.exists() and md5sum(target) == md5: return target
-    errors = []
-    for base in mirrors:
-        url = base.rstrip('/') + '/' + fname
-        try: return atomic_write(target, lambda f: _fetch_to(url, f, timeout, md5))
-        except (OSError, urllib.error.URLError, DataError) as e: errors.append(f"{url}: {getattr(e, 'reason', None) or e}")
-    raise DataError(f"could not download {fname} into {dest}; tried " + '; '.join(errors or ['no mirrors']))
+    if target.exists() and md5sum(target) == md5: return target  # no lock needed: files are only ever replaced whole
+    dest.mkdir(parents=True, exist_ok=True)
+    with _locked(target):  # one process downloads; the others wait, then find it here
+        errors = []
+        if target.exists():
+            if (got := md5sum(target)) == md5: return target
+            errors.append(f"cached copy {target} was corrupt (md5 {got}, expected {md5})")
+        for base in mirrors:
+            url = base.rstrip('/') + '/' + fname
+            try: return atomic_write(target, lambda f: _fetch_to(url, f, timeout, deadline, md5))
+            except (OSError, http.client.HTTPException, DataError) as e: errors.append(f"{url}: {_reason(e)}")
+    if not mirrors: errors.append('no mirrors given')
+    raise DataError(f"could not download {fname} into {dest}: " + '; '.join(errors))
 
 # %% ../nbs/01_data.ipynb #969657b0
 def load_mnist(dest:Path=None, # cache folder (default: `cache_dir()`)
