@@ -1,0 +1,196 @@
+"""lesson9.checkpoint as the package ships it: exact resume from any batch boundary, stop on request, the divergence
+check, and the run folder's one-set publishing."""
+import contextlib, errno, json, math, os, shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import lesson9.checkpoint as ck
+from lesson9.anneal import Recorder, lr_find, one_cycle
+from lesson9.callbacks import AvgStatsCallback, Callback, DataBunch, GradientAccumulation, Learner, Runner
+from lesson9.checkpoint import (Checkpoint, CheckpointError, DivergenceCallback, RunFolder, RunFolderBusy, TrainingDiverged,
+                                load_checkpoint, read_checkpoint, save_checkpoint, sha256sum, strict_json)
+from lesson9.data import get_data
+from lesson9.training import SGD, Dataset, accuracy, cross_entropy, get_dls, get_mlp
+
+x_train, y_train, x_valid, y_valid = get_data()
+x_train, y_train, x_valid, y_valid = x_train[:600], y_train[:600], x_valid[:200], y_valid[:200]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread): pass
+
+
+def make_learner(seed=0, loader_seed=0, lr=0.3, num_workers=0):
+    torch.manual_seed(seed)
+    data = DataBunch(*get_dls(Dataset(x_train, y_train), Dataset(x_valid, y_valid), 64, seed=loader_seed, num_workers=num_workers), c=10)
+    model = get_mlp(784, 50, 10)
+    return Learner(model, SGD(model.parameters(), lr=lr, momentum=0.9), cross_entropy, data)
+
+
+def make_runner(schedule, *cbs, accumulate=False):
+    return Runner([AvgStatsCallback([accuracy], report=None), Recorder(), DivergenceCallback(), *cbs]
+                  + (one_cycle(0.3) if schedule == 'one_cycle' else []) + ([GradientAccumulation(3)] if accumulate else []))
+
+
+class StopAt(Callback):
+    _order = 20
+    def __init__(self, ckpt, epoch, in_train=True, it=None): self.ckpt, self.at = ckpt, (epoch, in_train, it)
+    def after_batch(self):
+        if (self.epoch, self.in_train, self.iter) == self.at: self.ckpt.request_stop('test')
+    def after_epoch(self):
+        if self.at == (self.epoch, True, None): self.ckpt.request_stop('test')
+
+
+def outcome(run, learn):
+    return dict(weights=[p.detach().clone() for p in learn.model.parameters()], history=run.avg_stats.history,
+                losses=run.recorder.losses, lrs=run.recorder.lrs, counters=(run.n_iter, run.n_epochs, run.pos))
+
+
+def assert_same(a, b):
+    for k in ('history', 'losses', 'lrs', 'counters'): assert a[k] == b[k], k
+    assert all(torch.equal(p, q) for p, q in zip(a['weights'], b['weights']))
+
+
+@pytest.mark.parametrize('schedule,loader_seed,accumulate,num_workers', [
+    ('constant', 0, False, 0), ('one_cycle', None, False, 0), ('one_cycle', 0, True, 0), ('constant', 0, False, 2)])
+def test_stopped_anywhere_and_carried_on_equals_the_run_that_never_stopped(tmp_path, schedule, loader_seed, accumulate, num_workers):
+    torch.manual_seed(1)
+    learn = make_learner(loader_seed=loader_seed, num_workers=num_workers)
+    run = make_runner(schedule, accumulate=accumulate); run.fit(3, learn)
+    whole = outcome(run, learn)
+    for at in [(0, True, 1), (1, True, 9), (1, False, 0), (2, False, 1), (0, True, None)]:
+        ckpt = Checkpoint(tmp_path/'ck.pt')
+        torch.manual_seed(1)
+        run = make_runner(schedule, StopAt(ckpt, *at), ckpt, accumulate=accumulate)
+        run.fit(3, make_learner(loader_seed=loader_seed, num_workers=num_workers))
+        assert ckpt.stopped_at is not None
+        torch.manual_seed(99)
+        again = make_learner(seed=5, loader_seed=None if loader_seed is None else 42, num_workers=num_workers)
+        state, extra = load_checkpoint(tmp_path/'ck.pt', again)
+        run2 = make_runner(schedule, accumulate=accumulate); run2.fit(3, again, resume=state)
+        assert_same(outcome(run2, again), whole)
+
+
+def test_checkpoint_saves_every_epoch_and_loads_safely(tmp_path):
+    run = make_runner('constant', Checkpoint(tmp_path/'ck.pt', extra={'note': 'hi'}))
+    run.fit(2, make_learner())
+    state = torch.load(tmp_path/'ck.pt', weights_only=True)
+    assert state['runner']['epoch'] == 2 and state['extra'] == {'note': 'hi'} and state['format'] == ck.CHECKPOINT_FORMAT
+    assert all(not v.is_cuda for v in state['model'].values())
+    with pytest.raises(CheckpointError, match='no checkpoint at'): read_checkpoint(tmp_path/'nope.pt')
+    (tmp_path/'bad.pt').write_bytes(b'junk')
+    with pytest.raises(CheckpointError, match='bad.pt is not a readable checkpoint'): read_checkpoint(tmp_path/'bad.pt')
+    torch.save({'format': 99}, tmp_path/'old.pt')
+    with pytest.raises(CheckpointError, match='not a lesson9 checkpoint of format 1'): read_checkpoint(tmp_path/'old.pt')
+    other = make_learner(); other.data = DataBunch(*get_dls(Dataset(x_train[:100], y_train[:100]), Dataset(x_valid, y_valid), 64, seed=0), c=10)
+    with pytest.raises(CheckpointError, match='does not fit this learner'): load_checkpoint(tmp_path/'ck.pt', other)
+    with pytest.raises(ValueError, match='every=0'): Checkpoint(tmp_path/'x.pt', every=0)
+
+
+def test_checkpoint_every_k_epochs(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(ck, 'save_checkpoint', lambda path, run, extra=None: saved.append(run.epoch) or {'runner': run.state_dict()})
+    make_runner('constant', Checkpoint(tmp_path/'ck.pt', every=2)).fit(5, make_learner())
+    assert saved == [1, 3, 4]   # after epochs 2 and 4, and the last
+
+
+def test_divergence_named_at_its_batch_and_checked_without_a_sync_per_batch(monkeypatch):
+    run = make_runner('constant')
+    with pytest.raises(TrainingDiverged, match=r'at epoch 1, batch 2 of 10 \(training batch 2 of the fit\)'): run.fit(2, make_learner(lr=1e38))
+    syncs = []
+    real = ck.DivergenceCallback._check
+    monkeypatch.setattr(ck.DivergenceCallback, '_check', lambda self: syncs.append(1) or real(self))
+    make_runner('constant').fit(2, make_learner())
+    assert len(syncs) == 2                      # once per epoch, not once per batch
+    run = Runner([DivergenceCallback(every=3), Recorder()])
+    with pytest.raises(TrainingDiverged, match='batch 2 of 10'): run.fit(2, make_learner(lr=1e38))
+    assert len(run.recorder.losses) == 3
+    with pytest.raises(ValueError, match='every=0'): DivergenceCallback(every=0)
+
+
+def test_divergence_check_carries_unchecked_losses_over_a_resume(tmp_path):
+    # the loss goes bad in the middle of epoch 1; the run is stopped after it and carried on: the check still catches it
+    class Poison(Callback):
+        _order = -1
+        def after_pred(self):
+            if self.in_train and self.n_iter == 3: self.run.pred = self.run.pred * math.inf
+    ckpt = Checkpoint(tmp_path/'ck.pt')
+    Runner([AvgStatsCallback([accuracy], report=None), Recorder(), DivergenceCallback(), Poison(), StopAt(ckpt, 0, True, 5), ckpt]).fit(2, make_learner())
+    again = make_learner()
+    state, _ = load_checkpoint(tmp_path/'ck.pt', again)
+    with pytest.raises(TrainingDiverged, match='batch 4 of 10'):
+        Runner([AvgStatsCallback([accuracy], report=None), Recorder(), DivergenceCallback()]).fit(2, again, resume=state)
+
+
+def test_strict_json():
+    assert json.loads(strict_json({'a': math.nan, 'b': [math.inf, -math.inf, 1.5], 'c': 'x'})) == {'a': None, 'b': [None, None, 1.5], 'c': 'x'}
+    assert 'NaN' not in strict_json([math.nan])
+
+
+def _set(folder):
+    s = folder.summary()
+    names = sorted(p.name for p in folder.path.iterdir() if not p.name.startswith('.'))
+    assert names == sorted(list(s['files']) + ['summary.json'])
+    for n, sha in s['files'].items(): assert sha256sum(folder.path/n) == sha
+    assert not [p for p in folder.work.iterdir() if p.name.startswith('publish')]
+    return s
+
+
+def test_run_folder_publishes_all_or_nothing(tmp_path):
+    with RunFolder(tmp_path/'r') as f:
+        f.publish({'a': b'1', 'b': b'1'}, {'run': 1})
+        def broken(fh): fh.write(b'half'); raise OSError(errno.ENOSPC, 'No space left on device')
+        with pytest.raises(OSError, match='No space'): f.publish({'a': b'2', 'c': broken}, {'run': 2})
+        assert _set(f)['run'] == 1 and (f.path/'a').read_bytes() == b'1'
+        with pytest.raises(ZeroDivisionError): f.publish({'a': lambda fh: 1/0}, {'run': 2})
+        assert _set(f)['run'] == 1
+        src = f.work/'big.bin'; src.write_bytes(b'moved')
+        f.publish({'a': b'3', 'big.bin': src}, {'run': 3})
+        s = _set(f)
+        assert s['run'] == 3 and not (f.path/'b').exists() and (f.path/'big.bin').read_bytes() == b'moved'
+        for bad in ('../x', '.hidden', 'summary.json'):
+            with pytest.raises(ValueError): f.publish({bad: b''}, {})
+        with pytest.raises(RunFolderBusy, match=f'pid {os.getpid()}'): RunFolder(tmp_path/'r').open()
+    RunFolder(tmp_path/'r').open().close()
+
+
+def test_run_folder_finishes_a_publication_cut_short(tmp_path, monkeypatch):
+    with RunFolder(tmp_path) as f: f.publish({'a': b'1'}, {'run': 1})
+    with RunFolder(tmp_path) as f:
+        monkeypatch.setattr(RunFolder, '_roll_forward', lambda self: None)
+        monkeypatch.setattr(shutil, 'rmtree', lambda *a, **k: None)
+        f.publish({'a': b'2'}, {'run': 2})
+        monkeypatch.undo()
+        assert f.summary()['run'] == 1
+    with RunFolder(tmp_path) as f: assert _set(f)['run'] == 2 and (tmp_path/'a').read_bytes() == b'2'
+
+
+def test_lr_find_leaves_loaders_and_random_state_as_they_were():
+    def fit_after(find):
+        learn = make_learner(loader_seed=None)
+        torch.manual_seed(5)
+        if find: lr_find(learn, max_iter=12)
+        run = make_runner('constant'); run.fit(1, learn)
+        return outcome(run, learn)
+    assert_same(fit_after(True), fit_after(False))
+
+
+def test_a_fit_that_raised_leaves_nothing_for_the_next():
+    class FailOnce(Callback):
+        def after_backward(self):
+            if not getattr(self, 'failed', False): self.failed = True; raise RuntimeError('fails once after backward')
+    class SeeError(Callback):
+        def after_fit(self): self.seen = self.run.error
+    learn, see = make_learner(), SeeError()
+    run = Runner([FailOnce(), see])
+    with pytest.raises(RuntimeError, match='fails once'): run.fit(1, learn)
+    assert all(p.grad is None for p in learn.model.parameters())
+    assert isinstance(see.seen, RuntimeError) and run.error is None
+    run.fit(1, learn)                       # the next fit: the same as a fit of the same weights that never failed
+    assert see.seen is None
+    fresh = make_learner()
+    next(iter(fresh.data.train_dl))         # the failed fit drew its epoch's order: so does this one
+    Runner().fit(1, fresh)
+    assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), fresh.model.parameters()))
