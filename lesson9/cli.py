@@ -266,13 +266,13 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
             run = get_runner([DeviceCallback(device), recorder, ProgressCallback(lambda: bars[-1].tick()),
                               DivergenceCallback(), ckpt] + scheds, metrics={'acc': accuracy}, report=on_epoch)
             resume = load_checkpoint(ck_path, learn)[0] if args.resume else None
+            signals.checkpoint = ckpt  # from here a signal saves and stops at the next batch
             done = resume['cbs']['avg_stats']['history'] if resume else []
             if not args.quiet:
                 log(_HEADER, flush=True)
                 for h in done: log(_row(h), flush=True)
             bars.extend([None]*len(done)); new_bar()
             status, message = 'finished', None
-            signals.checkpoint = ckpt
             try: run.fit(opts['epochs'], learn, resume=resume)
             except TrainingDiverged as e: status, message = 'diverged', f"diverged: {e}; the outputs are in {args.out}"
             finally: signals.checkpoint = None

@@ -135,6 +135,7 @@ def test_second_run_into_a_folder_in_use_is_refused(tmp_path):
     job = start('--epochs', '500', '--out', tmp_path)
     try:
         assert job.stdout.readline().split()[0] == 'epoch'
+        assert job.stdout.readline().split()[0] == '1'     # training is under way
         code, out, err = run_main('--epochs', '1', '--out', tmp_path)
         assert code == 2 and err == f"lesson9-train: error: argument --out: {tmp_path} is in use by another run (pid {job.pid}); wait for it or choose another folder\n"
     finally:
