@@ -23,16 +23,16 @@ from .data import atomic_write
 def _figure_class():
     "`Figure` with a `_repr_png_`, made on first use so that importing this module does not load matplotlib."
     import io
-    from matplotlib.figure import Figure
+    import matplotlib.figure
 
-    class ShownFigure(Figure):
+    class Figure(matplotlib.figure.Figure):  # same name, so it prints as one: <Figure size 450x300 with 1 Axes>
         "A `Figure` that Jupyter shows as a PNG, with or without pyplot's inline backend."
         def _repr_png_(self)->bytes:
             buf = io.BytesIO()
             self.savefig(buf, format='png', dpi=100)
             return buf.getvalue()
 
-    return ShownFigure
+    return Figure
 
 def new_figure(ncols:int=1, # side-by-side axes
                figsize:tuple=None # (width, height) in inches; default 4.5 x 3 per axes
