@@ -600,12 +600,13 @@ class ProgressCallback(Callback):
 
     def begin_epoch(self):
         if not self._shown: return
-        from fastprogress.fastprogress import ConsoleProgressBar, NBProgressBar  # loaded only to draw
+        from fastprogress import fastprogress  # loaded only to draw
         run = self.run
         label, batches = f"epoch {run.epoch + 1}/{run.epochs}", range(len(run.data.train_dl))
-        if in_notebook(): self.bar = NBProgressBar(batches, leave=True, comment=label)
-        else:
-            self.bar = ConsoleProgressBar(batches, leave=False)  # erased at the epoch's end, under the printed rows
+        if fastprogress.IN_NOTEBOOK:  # fastprogress's own check: its HTML bar needs it
+            self.bar = fastprogress.NBProgressBar(batches, leave=True, comment=label)
+        else:  # one line, erased at the epoch's end so that the printed rows stay
+            self.bar = fastprogress.ConsoleProgressBar(batches, leave=False)
             self.bar.prefix = label
         self.bar.update(0)
 

@@ -54,6 +54,8 @@ def execute(nb_json:str, name:str)->dict:
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
     nb = nbformat.reads(nb_json, as_version=4)
+    for c in nb.cells:   # only what this run shows counts: a cell that never ran must not keep its saved outputs
+        if c.cell_type == 'code': c.outputs, c.execution_count = [], None
     t0, error = time.perf_counter(), None
     client = NotebookClient(nb, kernel_name='python3', timeout=CELL_TIMEOUT, resources={'metadata': {'path': str(NBS)}})
     try: client.execute(env=kernel_env())

@@ -31,6 +31,23 @@ def _env():
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])), COLUMNS='100')
 
 
+def screen(text:str)->list:
+    "The lines a terminal shows after `text`: `\\r` returns to the line's start and what follows overwrites it."
+    lines, cur, col = [], [], 0
+    for ch in text:
+        if ch == '\n': lines.append(''.join(cur).rstrip()); cur, col = [], 0
+        elif ch == '\r': col = 0
+        else:
+            if col < len(cur): cur[col] = ch
+            else: cur.append(ch)
+            col += 1
+    return lines + ([''.join(cur).rstrip()] if cur else [])
+
+
+def test_screen():
+    assert screen('abcdef\rxy\n12\r  \rz') == ['xycdef', 'z']
+
+
 def test_bar_on_a_terminal():
     pty = pytest.importorskip('pty')
     master, slave = pty.openpty()
@@ -49,8 +66,9 @@ def test_bar_on_a_terminal():
     for epoch in (1, 2):   # a full bar: batches done, elapsed < left
         assert re.search(rf"\repoch {epoch}/2 \|█+\| 100\.00% \[16/16 \d\d:\d\d<\d\d:\d\d\]", out), out
     assert out.index('[16/16 ') < out.index('epoch 1 | train loss') < out.index('\repoch 2/2'), out
-    last = out.split('\r')[-1]
-    assert last.startswith('epoch 2 | train loss') and last.endswith('\n'), repr(last)   # the bar is gone, the rows stay
+    shown = screen(out)   # what is left on the terminal: the rows, each bar erased under them
+    row = r'epoch {} \| train loss \d\.\d{{4}} acc \d\.\d{{4}} \| valid loss \d\.\d{{4}} acc \d\.\d{{4}}'
+    assert len(shown) == 2 and all(re.fullmatch(row.format(i), l) for i, l in enumerate(shown, 1)), shown
 
 
 def test_silent_in_a_pipe():
