@@ -32,13 +32,15 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ settings.ini -nt "$stamp"
     torch_spec=${LESSON9_TORCH:-torch==2.13.0}
     say "installing PyTorch into $venv: pip install $torch_spec"
     if [ -z "${LESSON9_TORCH:-}" ] && [ "$(uname -s)" = Linux ]; then
-      say "  from PyPI on Linux this is the CUDA build: ~530 MB plus ~3 GB of CUDA libraries, often 5-10 minutes."
+      say "  from PyPI on Linux this is the CUDA build: ~530 MB plus ~3 GB of CUDA libraries, often 5-10 minutes"
+      say "  (a pip set up with a local wheel cache gets the build the cache holds)."
       say "  CPU only (~200 MB): LESSON9_TORCH=\"torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu\" bash tools/dev.sh $*"
     else
       say "  a few hundred MB to a few GB depending on the build; a few minutes."
     fi
     # shellcheck disable=SC2086 # LESSON9_TORCH may carry pip options, e.g. an --index-url
     "$py" -m pip install --disable-pip-version-check $torch_spec
+    "$py" -c "import torch; print('dev.sh: installed torch', torch.__version__, f'(CUDA {torch.version.cuda} build)' if torch.version.cuda else '(CPU-only build)')" >&2
   fi
   say "installing lesson9 (editable) with its dev tools (nbdev, pytest, Sphinx, JupyterLab ...): about a minute ..."
   "$py" -m pip install -q --disable-pip-version-check -e ".[dev]"
