@@ -19,12 +19,26 @@ from .callbacks import Callback, CancelEpoch, CancelTrain, Runner, listify
 from .data import atomic_write
 
 # %% ../nbs/05_anneal.ipynb #3262965b
+@functools.cache
+def _figure_class():
+    "`Figure` with a `_repr_png_`, made on first use so that importing this module does not load matplotlib."
+    import io
+    import matplotlib.figure
+
+    class Figure(matplotlib.figure.Figure):  # same name, so it prints as one: <Figure size 450x300 with 1 Axes>
+        "A `Figure` that Jupyter shows as a PNG, with or without pyplot's inline backend."
+        def _repr_png_(self)->bytes:
+            buf = io.BytesIO()
+            self.savefig(buf, format='png', dpi=100)
+            return buf.getvalue()
+
+    return Figure
+
 def new_figure(ncols:int=1, # side-by-side axes
                figsize:tuple=None # (width, height) in inches; default 4.5 x 3 per axes
               ):
-    "A `Figure` (not registered with pyplot) and its axes: one `Axes`, or a list of `ncols`."
-    from matplotlib.figure import Figure  # imported here: training without plots never loads matplotlib
-    fig = Figure(figsize=figsize or (4.5*ncols, 3), layout='constrained')
+    "A `Figure` (not registered with pyplot, shown as a PNG by Jupyter) and its axes: one `Axes`, or a list of `ncols`."
+    fig = _figure_class()(figsize=figsize or (4.5*ncols, 3), layout='constrained')
     axs = fig.subplots(1, ncols, squeeze=False)[0]
     return fig, (axs[0] if ncols == 1 else list(axs))
 

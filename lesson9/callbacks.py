@@ -6,7 +6,7 @@
 __all__ = ['EVENTS', 'DataBunch', 'get_model', 'Learner', 'camel2snake', 'listify', 'Callback', 'CancelBatch', 'CancelEpoch',
            'CancelTrain', 'TrainEvalCallback', 'Runner', 'InvariantsCallback', 'AvgStats', 'format_stats',
            'print_stats', 'AvgStatsCallback', 'get_runner', 'default_device', 'as_device', 'DeviceCallback',
-           'CudaCallback', 'GradientAccumulation', 'ProgressCallback']
+           'CudaCallback', 'GradientAccumulation', 'in_notebook', 'progress_shown', 'ProgressCallback']
 
 # %% ../nbs/04_callbacks.ipynb #da2dedf5
 import difflib, math, re
@@ -528,7 +528,7 @@ class AvgStats:
 # %% ../nbs/04_callbacks.ipynb #ba6cdbf8
 def format_stats(record:dict # one epoch's record from `AvgStatsCallback`
                 )->str:
-    "One line per epoch: `epoch 0 | train loss 0.4137 accuracy 0.8786 | valid loss ...`."
+    "One line per epoch: `epoch 1 | train loss 0.4137 accuracy 0.8786 | valid loss ...`."
     parts = [f"epoch {record['epoch']}"]
     for phase in ('train', 'valid'):
         vals = [f"{k[len(phase)+1:]} {v:.4f}" for k, v in record.items() if k.startswith(phase + '_')]
@@ -561,7 +561,7 @@ class AvgStatsCallback(Callback):
         (self.train_stats if run.in_train else self.valid_stats).accumulate(run.loss, run.pred, run.yb)
 
     def after_epoch(self):
-        record = {'epoch': self.run.epoch, **self.train_stats.as_dict(), **self.valid_stats.as_dict()}
+        record = {'epoch': self.run.epoch + 1, **self.train_stats.as_dict(), **self.valid_stats.as_dict()}
         self.history.append(record)
         if self.report is not None: self.report(record)
 
@@ -672,12 +672,55 @@ class GradientAccumulation(Callback):
         self.samples, self.batches = sd['samples'], sd['batches']
 
 # %% ../nbs/04_callbacks.ipynb #bc1aaba0
+def in_notebook()->bool:
+    "True in a Jupyter kernel (JupyterLab, VS Code, nbclient), where output can be HTML."
+    import sys
+    ipython = sys.modules.get('IPython')  # not imported by this check: a plain script is no notebook
+    shell = ipython.get_ipython() if ipython is not None else None
+    return any(c.__name__ == 'ZMQInteractiveShell' for c in type(shell).__mro__)
+
+def progress_shown(file=None # the stream a terminal bar would draw on (default: sys.stdout)
+                  )->bool:
+    "True where a progress bar can be seen: in a Jupyter kernel, or when `file` is a terminal."
+    import sys
+    if in_notebook(): return True
+    isatty = getattr(sys.stdout if file is None else file, 'isatty', None)
+    return bool(isatty and isatty())
+
 class ProgressCallback(Callback):
-    "Calls `on_batch()` after every training batch (a tick for a progress bar; it reads nothing from the device)."
+    "A progress bar per training epoch (batches, elapsed time, time left): HTML in a notebook, a line on a terminal, else nothing."
     _order = 10
-    def __init__(self, on_batch # called with no arguments after each training batch
+    def __init__(self, on_batch=None, # also called with no arguments after each training batch
+                 *, enabled:bool=None # draw the bars? None: only where they can be seen (`progress_shown`)
                 ):
-        self.on_batch = on_batch
+        self.on_batch, self.enabled, self.bar = on_batch, enabled, None
+
+    def begin_fit(self):
+        self._shown = progress_shown() if self.enabled is None else bool(self.enabled)
+
+    def begin_epoch(self):
+        if not self._shown: return
+        from fastprogress import fastprogress  # loaded only to draw
+        run = self.run
+        label, batches = f"epoch {run.epoch + 1}/{run.epochs}", range(len(run.data.train_dl))
+        if fastprogress.IN_NOTEBOOK:  # fastprogress's own check: its HTML bar needs it
+            self.bar = fastprogress.NBProgressBar(batches, leave=True, comment=label)
+        else:  # one line, erased at the epoch's end so that the printed rows stay
+            self.bar = fastprogress.ConsoleProgressBar(batches, leave=False)
+            self.bar.prefix = label
+        self.bar.update(0)
 
     def after_batch(self):
-        if self.run.in_train: self.on_batch()
+        run = self.run
+        if not run.in_train: return
+        if self.bar is not None: self.bar.update(run.iter + 1)
+        if self.on_batch is not None: self.on_batch()
+
+    def _close(self):
+        "Finish the epoch's bar; one stopped early (a cancel or an error) shows as interrupted."
+        bar, self.bar = self.bar, None
+        if bar is not None and bar.last_v is not None: bar.on_interrupt()  # fastprogress sets last_v to None once full
+
+    def begin_validate(self): self._close()
+    def after_epoch(self): self._close()
+    def after_fit(self): self._close()

@@ -415,7 +415,7 @@ def fit(epochs:int, # number of passes over the training data
     "Train for `epochs`; one dict per epoch with 'epoch', 'train_loss', 'train_acc', 'valid_loss', 'valid_acc' (floats)."
     _check_int('epochs', epochs, 1)
     history = []
-    for epoch in range(epochs):
+    for epoch in range(1, epochs + 1):
         model.train()
         train_loss, train_acc = _run_epoch(model, loss_func, train_dl, opt, on_batch)
         model.eval()

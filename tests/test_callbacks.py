@@ -444,7 +444,7 @@ def test_history_records_are_plain_floats_and_reported_once_per_epoch():
     cb = AvgStatsCallback([accuracy], report=reported.append)
     Runner(cb).fit(3, _learner())
     assert reported == cb.history and len(reported) == 3
-    for i, r in enumerate(reported):
+    for i, r in enumerate(reported, start=1):   # epochs are numbered from 1, as printed
         assert list(r) == ['epoch', 'train_loss', 'train_accuracy', 'valid_loss', 'valid_accuracy'] and r['epoch'] == i
         assert all(type(v) is float for k, v in r.items() if k != 'epoch')
 
@@ -473,7 +473,7 @@ def test_report_none_is_silent(capsys):
     assert capsys.readouterr().out == ''
     get_runner().fit(2, _learner())
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 2 and out[1].startswith('epoch 1 | train loss ')
+    assert len(out) == 2 and out[0].startswith('epoch 1 | train loss ') and out[1].startswith('epoch 2 | train loss ')
 
 
 def test_cancelled_validation_gives_nan_not_an_error():

@@ -12,7 +12,7 @@
 The browser tests skip when Chromium is missing (`apt-get update && apt-get install -y chromium
 chromium-driver`), except under CI=true, where they fail.
 """
-import base64, functools, html, http.server, json, os, re, shutil, subprocess, sys, tempfile, threading, time, urllib.error, urllib.request
+import base64, functools, html, http.client, http.server, json, os, re, shutil, subprocess, sys, tempfile, threading, time, urllib.error, urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
@@ -117,6 +117,31 @@ def test_every_exported_name_has_an_api_entry(site):
 
 _hidden_dirs = re.compile(r'^\s*#\|\s*(hide|export|exporti|default_exp)\b', re.M)
 
+def test_classes_show_their_real_signature(site):
+    "A class with no `__init__` of its own (a callback) is documented as taking no argument, not `(*args, **kwargs)`."
+    text = parse_page(site.html/f"{page_of('05_anneal')}.html").text
+    assert 'def Recorder(): Records the lr' in text, text[text.find('Recorder'):][:300]
+    text = parse_page(site.html/f"{page_of('04_callbacks')}.html").text
+    assert 'def TrainEvalCallback(): Puts the model' in text, text[text.find('TrainEvalCallback'):][:300]
+
+def test_pages_speak_of_the_library_only(site):
+    "No page refers readers to an issue or a task: the prose is about the library."
+    for name in site.pages:
+        m = re.search(r'.{0,60}\b(?:the|this|an?) (?:issue|task)\b.{0,60}', parse_page(site.html/f'{name}.html').text, re.I)
+        assert m is None, f"{name}.html: {m.group(0)!r}"
+
+def test_files_users_look_for():
+    "LICENSE is the license the package metadata claims, with the copyright of settings.ini; CONTRIBUTING and CHANGELOG exist."
+    cfg = build_docs.settings()
+    lic = (ROOT/'LICENSE').read_text(encoding='utf-8')
+    assert cfg['license'] == 'apache2' and 'Apache License\n' in lic and 'Version 2.0, January 2004' in lic, lic[:200]
+    assert 'END OF TERMS AND CONDITIONS' in lic and f"Copyright {cfg['copyright']}" in lic
+    contributing = (ROOT/'CONTRIBUTING.md').read_text(encoding='utf-8')
+    for cmd in ('nbdev_export', 'nbdev_clean', 'nbdev_test --path', 'pytest', 'tools/build_docs.py', 'bash tools/dev.sh test'):
+        assert cmd in contributing, cmd
+    changelog = (ROOT/'CHANGELOG.md').read_text(encoding='utf-8')
+    assert '## Unreleased' in changelog and f"## {cfg['version']}" in changelog, changelog[:300]
+
 def test_hidden_and_exported_cells_stay_hidden(site):
     problems = []
     for nb_path, name in zip(site.nbs, site.pages):
@@ -136,6 +161,24 @@ def test_hidden_and_exported_cells_stay_hidden(site):
 def test_readme_is_up_to_date():
     r = subprocess.run([sys.executable, 'tools/build_docs.py', '--check-readme'], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+def test_readme_example_prints_what_the_readme_shows():
+    "The README's training example, run as a reader copies it, prints the rows the README shows (to the last digit shown, give or take 1)."
+    readme = (ROOT/'README.md').read_text(encoding='utf-8')
+    example = readme[readme.index("Train the lesson's model"):]
+    blocks = re.findall(r'```(\w*)\n(.*?)\n```', example, re.S)
+    code = '\n'.join(src for lang, src in blocks[:2] if lang == 'python')
+    shown = next(src for lang, src in blocks if lang == '')
+    assert 'torch.manual_seed(' in code and 'seed=' in code and shown.startswith('epoch 1 |'), (code, shown)
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr
+    got, want = r.stdout.strip().splitlines(), shown.splitlines()
+    number = re.compile(r'\d+\.\d+')
+    assert [number.sub('#', l) for l in got] == [number.sub('#', l) for l in want], (got, want)
+    for g, w in zip(got, want):
+        for a, b in zip(number.findall(g), number.findall(w)):
+            assert abs(float(a) - float(b)) <= 1.5e-4, f"printed {g!r}, the README shows {w!r}"
 
 def test_readme_generation_links_and_strips_site_markup():
     "README.md links names to the published site and carries none of the site's MyST attributes."
@@ -224,12 +267,34 @@ def browser():
     driver.quit()
     shutil.rmtree(profile, ignore_errors=True)
 
+class QuietServer(http.server.ThreadingHTTPServer):
+    "An HTTP server that lets a client hang up early (a browser leaving a page): no BrokenPipe traceback on stderr."
+    daemon_threads = True
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], ConnectionError): return   # BrokenPipeError, ConnectionResetError ...
+        super().handle_error(request, client_address)
+
+def test_server_is_quiet_when_a_client_hangs_up(capfd):
+    "The server's handler raising a ConnectionError (a client gone) prints nothing; any other error still prints."
+    class Hangup(http.server.BaseHTTPRequestHandler):
+        def do_GET(self): raise BrokenPipeError(32, 'Broken pipe')
+    class Fails(http.server.BaseHTTPRequestHandler):
+        def do_GET(self): raise ValueError('a real error')
+    for handler, shown in ((Hangup, False), (Fails, True)):
+        srv = QuietServer(('127.0.0.1', 0), handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try: urllib.request.urlopen(f'http://127.0.0.1:{srv.server_port}/', timeout=10)
+        except (urllib.error.URLError, ConnectionError, http.client.HTTPException): pass
+        srv.shutdown(); srv.server_close()
+        err = capfd.readouterr().err
+        assert ('Traceback' in err) == shown, err
+
 @pytest.fixture(scope='module')
 def server(site):
     "The built site served over HTTP on 127.0.0.1 (search needs HTTP to fetch its index in some browsers)."
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args): pass
-    srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Quiet, directory=str(site.html)))
+    srv = QuietServer(('127.0.0.1', 0), functools.partial(Quiet, directory=str(site.html)))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f'http://127.0.0.1:{srv.server_port}/'
     srv.shutdown(); srv.server_close()
@@ -266,6 +331,8 @@ return {
   links: [...document.querySelectorAll('a[href]')].filter(same).map(a => a.href),
   ids: [...document.querySelectorAll('[id]')].map(e => e.id),
   badImages: [...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src),
+  wideCode: [...document.querySelectorAll('article pre')].filter(p => p.scrollWidth > p.clientWidth + 1)
+              .map(p => p.textContent.split('\\n').reduce((a, b) => b.length > a.length ? b : a, '').slice(0, 80)),
   plots: [...document.querySelectorAll('.cell_output img')].map(i => {
            const r = i.getBoundingClientRect();
            return {src: i.src, w: i.naturalWidth, h: i.naturalHeight, shownW: r.width, shownH: r.height}; }),
@@ -302,6 +369,11 @@ def test_internal_links_and_images_resolve(site, server, visited):
             except urllib.error.URLError as e: problems.append(f"{name}: broken link {rel} ({e})")
     assert checked, "no internal links found"
     assert not problems, '\n'.join(problems)
+
+def test_code_fits_the_column(visited):
+    "No code block (cell, signature, output) runs past the text column: long lines wrap."
+    wide = [f"{name}: {line!r}" for name, v in visited.items() for line in v.wideCode]
+    assert not wide, '\n'.join(wide)
 
 @pytest.mark.parametrize('nb', ['01_data', '02a_why_sqrt5', '05_anneal'])
 def test_plots_render(nb, visited):

@@ -502,7 +502,7 @@ def test_fit_history_and_callbacks():
     h = fit(3, model, cross_entropy, SGD(model.parameters(), lr=0.1), tdl, vdl,
             on_batch=lambda *a: ticks.append(a), on_epoch=seen.append)
     assert ticks == [()] * (3 * len(tdl))
-    assert seen == h and [s['epoch'] for s in h] == [0, 1, 2]
+    assert seen == h and [s['epoch'] for s in h] == [1, 2, 3]
     assert all(list(s) == ['epoch', 'train_loss', 'train_acc', 'valid_loss', 'valid_acc'] for s in h)
     assert all(type(v) is float for s in h for k, v in s.items() if k != 'epoch')
 

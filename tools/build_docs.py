@@ -127,13 +127,25 @@ def _module_doc(src:str, module)->str:
         if (obj := getattr(obj, part, None)) is None: return None
     if getattr(obj, '__module__', None) != module.__name__: return None   # imported into the module, documented where it is defined
     from nbdev.showdoc import show_doc
-    md = show_doc(obj)._repr_markdown_()
+    md = _fix_inherited_object_init(obj, show_doc(obj)._repr_markdown_())
     try:   # nbdev looks the line up by the short name only, so for a module's object its link says #LNone
         cfg, rel = settings(), Path(inspect.getsourcefile(obj)).resolve().relative_to(ROOT).as_posix()
         url = f"{cfg['git_url'].rstrip('/')}/blob/{cfg['branch']}/{rel}#L{inspect.getsourcelines(obj)[1]}"
         md = re.sub(r'\[source\]\([^)\s]*\)', lambda m: f'[source]({url})', md, count=1)
     except (TypeError, OSError, ValueError): pass
     return md
+
+_re_object_init_sig = re.compile(r'(```python\ndef \w+)\(\n\s*\*args, \*\*kwargs\n\):')
+
+def _fix_inherited_object_init(obj, md:str)->str:
+    """`md` with a class's real signature where it has no `__init__` of its own or from a base but `object`'s.
+
+    fastcore documents a class by its `__init__`; for a class that has none (a callback such as
+    `Recorder`) that is `object.__init__`, shown as `(*args, **kwargs)`, though the class takes no
+    argument at all (`inspect.signature(Recorder)` is `()`)."""
+    if not inspect.isclass(obj) or obj.__init__ is not object.__init__ or obj.__new__ is not object.__new__: return md
+    if str(inspect.signature(obj)) != '()': return md
+    return _re_object_init_sig.sub(r'\1():', md, count=1)
 
 # ---------------------------------------------------------------- 2. what Quarto would do
 
