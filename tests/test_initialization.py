@@ -255,6 +255,25 @@ def test_lsuv_restores_modes_and_buffers():
     assert hooks_left(model) == []
 
 
+def test_lsuv_runs_in_the_mode_asked_for_without_grad():
+    "Every forward pass runs in eval mode (or train mode with train=True) under no_grad; the modes come back, on error too."
+    seen = []
+    class Spy(nn.Module):
+        def forward(self, x): seen.append((self.training, torch.is_grad_enabled())); return x
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), Spy(), nn.Linear(8, 2))
+    for train, start in ((False, True), (True, False), (False, False), (True, True)):
+        model.train(start); seen.clear()
+        lsuv_(model, torch.randn(64, 10), train=train, tol=0.05)
+        assert seen and set(seen) == {(train, False)}, (train, start, set(seen))
+        assert all(m.training == start for m in model.modules())
+    dead = nn.Sequential(nn.Linear(10, 8), Spy())
+    nn.init.zeros_(dead[0].weight); nn.init.zeros_(dead[0].bias)
+    dead.train(); seen.clear()
+    with pytest.raises(ValueError, match='output std 0'): lsuv_(dead, torch.randn(8, 10))
+    assert seen == [(False, False)] and all(m.training for m in dead.modules())
+
+
 def test_lsuv_by_name_and_max_passes():
     model, x = deep_mlp(), torch.randn(64, 20)
     with pytest.warns(UserWarning, match='did not reach std 1'):
