@@ -218,7 +218,7 @@ class Optimizer:
 
 # %% ../nbs/03_minibatch_training.ipynb #18131b81
 class SGD(Optimizer):
-    "Stochastic gradient descent with momentum, dampening, weight decay and Nesterov momentum: `torch.optim.SGD`'s update, bit for bit (no `maximize`)."
+    "Stochastic gradient descent with momentum, dampening, weight decay and Nesterov momentum: the update of `torch.optim.SGD` (bit for bit on the CPU; no `maximize`)."
     def __init__(self,
                  params, # an iterable of tensors, or of dicts with 'params' and hyper-parameters
                  lr:float, # learning rate
@@ -324,7 +324,7 @@ def _data_device(ds):
     return devices.pop() if len(devices) == 1 else None
 
 class DataLoader:
-    "Batches `(xb, yb)` from `ds`: one indexing per batch for tensor datasets, else sample by sample and `collate_fn`."
+    "Batches `(xb, yb)` from `ds`: one indexing per batch where that equals the stacked samples, else sample by sample and `collate_fn`."
     def __init__(self, ds, # a dataset: `len(ds)` and `ds[i]`
                  bs:int=1, # batch size
                  shuffle:bool=False, # reshuffle every epoch

@@ -120,6 +120,21 @@ def test_record_init_calls_outermost_only_and_restores_torch():
     assert dict(vars(nn.init)) == originals
 
 
+def test_record_init_calls_keeps_only_the_outermost_of_nested_inits(monkeypatch):
+    "An initialiser that calls another through `nn.init` (as some torch versions do) is one call, not two."
+    def scaled_normal_(tensor, scale=2.):
+        nn.init.normal_(tensor); return tensor.mul_(scale)
+    monkeypatch.setattr(nn.init, 'scaled_normal_', scaled_normal_, raising=False)
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(3, 4))
+            with torch.no_grad(): nn.init.scaled_normal_(self.w, scale=3.)
+            nn.init.normal_(self.w)
+    _, calls = record_init_calls(Custom)
+    assert calls == [InitCall('w', 'scaled_normal_', {'scale': 3.}), InitCall('w', 'normal_', {'mean': 0.0, 'std': 1.0})]
+
+
 # ---------------------------------------------------------------- layer_stats
 
 def bn_model():

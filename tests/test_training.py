@@ -83,6 +83,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r'log_probs must be 2-D'): nll(torch.zeros(2, 3, 4), torch.tensor([0, 1]))
     with pytest.raises(TypeError, match='torch.float32'): cross_entropy(torch.zeros(2, 3), torch.tensor([0., 1.]))
     with pytest.raises(TypeError, match='list'): cross_entropy(torch.zeros(2, 3), [0, 1])
+    with pytest.raises(TypeError, match='torch.bool'): cross_entropy(torch.zeros(2, 2), torch.tensor([True, False]))  # not labels 1, 0
     with pytest.raises(ValueError, match=r'out must be 2-D'): accuracy(torch.zeros(3), torch.tensor([0, 1, 2]))
 
 
