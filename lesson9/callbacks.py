@@ -607,7 +607,7 @@ def as_device(device # a torch.device or a string like 'cpu', 'cuda', 'cuda:1'
 
 # %% ../nbs/04_callbacks.ipynb #ed218121
 class DeviceCallback(Callback):
-    "Moves the model and optimizer state to `device` at `begin_fit`, and each batch at `begin_batch`."
+    "Moves the model and the optimizer's state tensors (not 0-d step counters) to `device` at `begin_fit`, and each batch at `begin_batch`."
     _order = TrainEvalCallback._order - 1  # before everyone, so they all see the device
     def __init__(self, device=None # a torch.device or string; None: CUDA if available, else CPU
                 ):
@@ -630,7 +630,7 @@ class CudaCallback(DeviceCallback):
 
 # %% ../nbs/04_callbacks.ipynb #a2875f3a
 class GradientAccumulation(Callback):
-    "Step every `n` training batches, with gradients equal to one step on their concatenation (windows end with the epoch)."
+    "Step every `n` backpropagated training batches, with gradients equal to one step on their concatenation (windows end with the epoch)."
     def __init__(self, n:int # batches per optimizer step
                 ):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -643,13 +643,13 @@ class GradientAccumulation(Callback):
 
     def after_loss(self):
         run = self.run
-        if not run.in_train: return
-        bn = len(run.yb)
-        run.loss_grad = run.loss_grad * bn  # sum over the batch's samples; divided by the window's count at the step
-        self.samples += bn; self.batches += 1
+        # sum over the batch's samples; divided by the window's count at the step
+        if run.in_train: run.loss_grad = run.loss_grad * len(run.yb)
 
     def after_backward(self):
         run = self.run
+        # counted here, once its gradient has been added: a batch cancelled before its backward adds nothing
+        self.samples += len(run.yb); self.batches += 1
         if self.batches < self.n and run.iter < run.iters - 1: raise CancelBatch()
         for g in run.opt.param_groups:
             for p in g['params']:

@@ -50,6 +50,9 @@ def nll(log_probs:Tensor, # (n, n_classes) log probabilities
        )->Tensor:
     "Mean negative log likelihood of the `target` classes, picked by integer array indexing."
     _check_rows(log_probs, target, 'log_probs')
+    # Indices must be int64: a uint8 tensor would index as a boolean mask, an int8 or int16 one not at all.
+    # Widening first gives every integer dtype torch's answer for the same labels as int64.
+    target = target.long()
     n_classes = log_probs.shape[1]
     # Checked where the labels live on the CPU: there reading them waits for nothing. On a GPU the
     # check would stall every batch; out-of-range indexing below fails with a device-side assert.
@@ -111,6 +114,11 @@ def get_mlp(n_in:int=784, # input features
     return nn.Sequential(nn.Linear(n_in, nh), nn.ReLU(), nn.Linear(nh, n_out))
 
 # %% ../nbs/03_minibatch_training.ipynb #4eea7d0e
+# Switches of torch.optim that these optimizers lack, and the values at which they change nothing about
+# the update: a group or a torch state_dict that holds them loses nothing when they are dropped.
+# foreach and fused pick how torch computes the same update; maximize and differentiable change what it is.
+_INERT = {'foreach': (None, False, True), 'fused': (None, False, True), 'maximize': (False,), 'differentiable': (False,)}
+
 class Optimizer:
     "The lesson's optimizer, `p -= lr * p.grad`, holding torch-style `param_groups` and `state`."
     def __init__(self,
@@ -138,16 +146,33 @@ class Optimizer:
         seen = {id(p) for g in self.param_groups for p in g['params']}
         if len({id(p) for p in ps}) < len(ps) or seen & {id(p) for p in ps}:
             raise ValueError("some parameters appear more than once in the param groups")
-        group = {**self.defaults, **group, 'params': ps}
+        group = {**self.defaults, **self._known(group, 'param group'), 'params': ps}
         self._check(group)
         self.param_groups.append(group)
+
+    def _known(self, group:dict, where:str)->dict:
+        "`group` without torch's switches that change nothing here; raise on any other key this optimizer would ignore."
+        kept = {}
+        for k, v in group.items():
+            if k in self.defaults or k in ('params', 'initial_lr'): kept[k] = v  # initial_lr: torch schedulers' bookkeeping
+            elif not (k in _INERT and any(v is ok for ok in _INERT[k])):
+                raise ValueError(f"{where} sets {k}={v!r}, which {type(self).__name__} does not support (it would be ignored)")
+        return kept
 
     def _check(self, g):
         "Raise if a group's hyper-parameters are invalid."
         if not g['lr'] >= 0: raise ValueError(f"lr must be >= 0, got lr={g['lr']!r}")
 
-    @torch.no_grad()
-    def step(self):
+    def step(self, closure=None # None, or a function that recomputes the loss (and its gradients) and returns it
+            ):
+        "Call `closure` (if given) with gradients enabled, then update the parameters; returns its loss or None, as torch does."
+        loss = None
+        if closure is not None:
+            with torch.enable_grad(): loss = closure()
+        with torch.no_grad(): self._update()
+        return loss
+
+    def _update(self):
         "Move each parameter that has a gradient by `-lr * grad`."
         for g in self.param_groups:
             for p in g['params']:
@@ -175,11 +200,14 @@ class Optimizer:
         saved = sd['param_groups']
         if len(saved) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved)} param groups but this optimizer has {len(self.param_groups)}")
+        groups = []
         for i, (s, g) in enumerate(zip(saved, self.param_groups)):
             if len(s['params']) != len(g['params']):
                 raise ValueError(f"param group {i} has {len(s['params'])} params in the state_dict but {len(g['params'])} here")
-        groups = [{**copy.deepcopy({k: v for k, v in s.items() if k != 'params'}), 'params': g['params']}
-                  for s, g in zip(saved, self.param_groups)]
+            missing = [k for k in self.defaults if k not in s]
+            if missing: raise ValueError(f"param group {i} of the state_dict lacks {', '.join(missing)}, which {type(self).__name__} needs")
+            kept = self._known(s, f"param group {i} of the state_dict")
+            groups.append({**copy.deepcopy({k: v for k, v in kept.items() if k != 'params'}), 'params': g['params']})
         for g in groups: self._check(g)
         param_at = {i: p for s, g in zip(saved, self.param_groups) for i, p in zip(s['params'], g['params'])}
         state = defaultdict(dict)
@@ -190,7 +218,7 @@ class Optimizer:
 
 # %% ../nbs/03_minibatch_training.ipynb #18131b81
 class SGD(Optimizer):
-    "Stochastic gradient descent with momentum, dampening, weight decay and Nesterov momentum, like `torch.optim.SGD`."
+    "Stochastic gradient descent with momentum, dampening, weight decay and Nesterov momentum: the update of `torch.optim.SGD` (bit for bit on the CPU; no `maximize`)."
     def __init__(self,
                  params, # an iterable of tensors, or of dicts with 'params' and hyper-parameters
                  lr:float, # learning rate
@@ -207,8 +235,7 @@ class SGD(Optimizer):
         if g['nesterov'] and (g['momentum'] <= 0 or g['dampening'] != 0):
             raise ValueError(f"nesterov needs momentum > 0 and dampening == 0, got momentum={g['momentum']!r}, dampening={g['dampening']!r}")
 
-    @torch.no_grad()
-    def step(self):
+    def _update(self):
         "One SGD step for every parameter that has a gradient."
         for g in self.param_groups:
             mom = g['momentum']
@@ -239,6 +266,7 @@ class Dataset:
     @property
     def batch_indexable(self)->bool:
         "True when `ds[index_tensor]` returns a whole batch in one indexing operation (both parts are tensors)."
+        # A subclass that overrides __getitem__ must set this itself for `DataLoader` to fetch in one go
         return isinstance(self.x, Tensor) and isinstance(self.y, Tensor)
 
 # %% ../nbs/03_minibatch_training.ipynb #f7fa838f
@@ -309,18 +337,26 @@ def collate(batch:list # samples, each a tuple of tensors (or numbers)
     return tuple(torch.stack(f) if isinstance(f[0], Tensor) else torch.tensor(f) for f in zip(*batch))
 
 # %% ../nbs/03_minibatch_training.ipynb #a3ddfb6d
+def _declares(ds, name:str)->bool:
+    "Whether `ds` itself, or its class below our `Dataset`, sets the attribute `name` (an inherited default does not count)."
+    return name in getattr(ds, '__dict__', {}) or any(name in vars(k) for k in type(ds).__mro__ if k is not Dataset)
+
 def _batch_indexable(ds)->bool:
-    "Whether `ds[index_tensor]` returns a whole batch: our tensor `Dataset` or torch's `TensorDataset`."
-    return getattr(ds, 'batch_indexable', False) or isinstance(ds, TensorDataset)
+    "Whether `ds[index_tensor]` is known to equal stacking `ds[i]` for each index, so a batch can be fetched in one go."
+    if _declares(ds, 'batch_indexable'): return bool(ds.batch_indexable)  # the dataset vouches for itself (or not)
+    getitem = getattr(type(ds), '__getitem__', None)
+    if getitem is Dataset.__getitem__: return ds.batch_indexable
+    # any other __getitem__ (a subclass's per-sample transform, say) may give something else for a whole batch
+    return getitem is TensorDataset.__getitem__
 
 def _data_device(ds):
     "The device shared by a batch-indexable dataset's tensors (None if they differ), where index tensors should live."
     ts = (ds.x, ds.y) if isinstance(ds, Dataset) else getattr(ds, 'tensors', ())
-    devices = {t.device for t in ts}
+    devices = {t.device for t in ts if isinstance(t, Tensor)}
     return devices.pop() if len(devices) == 1 else None
 
 class DataLoader:
-    "Batches `(xb, yb)` from `ds`: one indexing per batch for tensor datasets, else sample by sample and `collate_fn`."
+    "Batches `(xb, yb)` from `ds`: one indexing per batch where that equals the stacked samples, else sample by sample and `collate_fn`."
     def __init__(self, ds, # a dataset: `len(ds)` and `ds[i]`
                  bs:int=1, # batch size
                  shuffle:bool=False, # reshuffle every epoch

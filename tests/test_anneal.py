@@ -401,3 +401,40 @@ def test_recorder_and_schedulers_do_not_sync_with_cuda():
     finally: torch.cuda.set_sync_debug_mode('default')
     assert cbs[0].losses == losses.tolist()
     run.learn = None
+
+
+# ---------------------------------------------------------------- edges: argument checks, validation, thresholds
+
+def test_sched_exp_refuses_either_end_not_positive():
+    for start, end in ((0., 1.), (1., 0.), (-1., 1.), (1., -2.)):
+        with pytest.raises(ValueError, match=f'start={start!r}, end={end!r}'): sched_exp(start, end)(0.5)
+
+
+def test_param_scheduler_leaves_validation_alone():
+    "Only training batches are scheduled: a value set for validation (here at begin_validate) stays."
+    learn = _learner(OPTS['ours SGD momentum'])
+    class ValidLr(Callback):
+        _order = 5
+        def begin_fit(self): self.seen = []
+        def begin_validate(self): self.run.opt.param_groups[0]['lr'] = 123.
+        def after_pred(self):
+            if not self.in_train: self.seen.append(self.run.opt.param_groups[0]['lr'])
+    probe = ValidLr()
+    Runner([ParamScheduler('lr', sched_lin(0.01, 0.1)), probe]).fit(2, learn)
+    assert probe.seen == [123.] * 2 * len(learn.data.valid_dl)
+
+
+def test_lr_finder_diverges_only_above_the_threshold():
+    "A loss of exactly div_thresh times the best is not divergence yet; the first loss above it is, and is kept."
+    vals = iter([1., 10., 10.5] + [1.] * 20)
+    learn = _learner(OPTS['ours SGD momentum'])
+    learn.loss_func = lambda pred, yb: pred.sum() * 0 + next(vals)
+    res = lr_find(learn, max_iter=20, div_thresh=10.)
+    assert res.stop_reason == 'diverged' and res.losses == [1., 10., 10.5]
+
+
+def test_lr_find_result_suggestions_by_hand():
+    r = LRFindResult(lrs=[1e-3, 1e-2, 1e-1, 1.], losses=[2., 1., 3., 9.], stop_reason='diverged')
+    sm = r.smoothed()
+    assert sm[0] == 2. and min(range(4), key=sm.__getitem__) == 1  # the smoothed minimum at batch 1: too early for a slope
+    assert r.lr_min == 1e-2 / 10 and r.lr_steep is None and r.suggestion == r.lr_min

@@ -170,11 +170,16 @@ def test_misspelt_instance_method_is_reported_at_fit():
 
 
 def test_non_event_helpers_and_attributes_are_allowed():
+    calls = []
     class Fine(Callback):
-        def __init__(self): self.on_batch, self.report, self.history = print, print, []
-        def reset(self): pass
-        def accumulate(self): pass
-    Runner(Fine())
+        def __init__(self): self.on_batch, self.report, self.history = calls.append, calls.append, []
+        def reset(self): calls.append('reset')
+        def accumulate(self): calls.append('accumulate')
+        def after_batch(self): calls.append('after_batch')
+    run = Runner(Fine())
+    assert run.fine.run is run and run.cbs[-1] is run.fine
+    run.fit(1, _learner())
+    assert calls == ['after_batch'] * 4  # only the event ran; helpers and attributes are never fired as events
 
 
 def test_unknown_event_fired_by_name():
@@ -358,7 +363,7 @@ def test_an_error_in_after_fit_does_not_hide_the_original():
         def after_fit(self): raise OSError('second')
     with pytest.raises(RuntimeError, match='first') as info:
         Runner(Both()).fit(1, _learner())
-    if hasattr(info.value, '__notes__'): assert 'after_fit also failed: OSError: second' in info.value.__notes__[0]
+    assert info.value.__notes__ == ['after_fit also failed: OSError: second']
     class OnlyAfterFit(Callback):
         def after_fit(self): raise OSError('alone')
     with pytest.raises(OSError, match='alone'): Runner(OnlyAfterFit()).fit(1, _learner())
@@ -550,6 +555,28 @@ def test_device_callback_on_cpu_moves_batches_first():
     assert set(seen) == {('cpu', 'cpu')}
 
 
+class StopAtStart(Callback):
+    _order = 1
+    def begin_fit(self): raise CancelTrain()
+
+
+@pytest.mark.parametrize('opt_func', [lambda ps, lr: torch.optim.Adam(ps, lr=lr),
+                                      lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9), 
+                                      lambda ps, lr: SGD(ps, lr=lr, momentum=0.9)], ids=['adam', 'torch-sgd', 'sgd'])
+def test_device_callback_moves_the_optimizer_state(opt_func):
+    "Without a GPU: on the 'meta' device (shapes, no data) every state tensor moves, except 0-d step counters."
+    learn = _learner(opt_func=opt_func)
+    xb, yb = next(iter(learn.data.train_dl))
+    cross_entropy(learn.model(xb), yb).backward(); learn.opt.step()
+    before = {id(p): dict(s) for p, s in learn.opt.state.items()}
+    Runner([DeviceCallback('meta'), StopAtStart()]).fit(1, learn)  # stops right after begin_fit
+    assert len(learn.opt.state) == 2 and {id(p) for p in learn.opt.state} == set(before)
+    for s in learn.opt.state.values():
+        for k, v in s.items():
+            assert v.device.type == ('cpu' if v.dim() == 0 else 'meta'), k
+    assert next(learn.model.parameters()).device.type == 'meta'
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 def test_device_callback_on_cuda():
     dev = torch.device('cuda')
@@ -574,9 +601,23 @@ def test_no_sync_per_batch_on_cuda():
     model = nn.Linear(5, 3).to(dev)
     learn = Learner(model, torch.optim.SGD(model.parameters(), lr=0.1), F.cross_entropy, data)
     class Strict(Callback):
+        "Any synchronizing CUDA call between begin_batch and after_batch raises."
+        def begin_fit(self): self.batches = 0
         def begin_batch(self): torch.cuda.set_sync_debug_mode('error')
-        def after_batch(self): torch.cuda.set_sync_debug_mode(0)
-    try: get_runner(cbs=[Strict(), DeviceCallback(dev)], report=None).fit(2, learn)
+        def after_batch(self): torch.cuda.set_sync_debug_mode(0); self.batches += 1
+    strict = Strict()
+    try:
+        run = get_runner(cbs=[strict, DeviceCallback(dev)], report=None)
+        run.fit(2, learn)
+    finally: torch.cuda.set_sync_debug_mode(0)
+    assert strict.batches == 2 * (8 + 4)  # every batch, training and validation, ran inside the strict window
+    assert all(type(v) is float for k, v in run.avg_stats.history[-1].items() if k != 'epoch')
+    class Reads(Callback):  # the check itself works: one read of the loss per batch is caught
+        _order = 1
+        def after_loss(self): self.run.loss.item()
+    try:
+        with pytest.raises(RuntimeError, match='synchroniz'):
+            get_runner(cbs=[Strict(), Reads(), DeviceCallback(dev)], report=None).fit(1, learn)
     finally: torch.cuda.set_sync_debug_mode(0)
 
 
@@ -619,6 +660,41 @@ def test_gradient_accumulation_logs_unscaled_losses():
     assert losses == pytest.approx(want, abs=1e-6)
     x, y = learn.data.train_ds.x, learn.data.train_ds.y
     with torch.no_grad(): assert cb.history[0]['train_loss'] == pytest.approx(cross_entropy(start(x), y).item(), abs=1e-6)
+
+
+class CancelAt(Callback):
+    "Cancel training batch `it` of epoch `epoch` at `event` with `exc`."
+    _order = 1  # after GradientAccumulation
+    def __init__(self, event, it, exc=CancelBatch, epoch=0):
+        self.it, self.exc, self.epoch_at = it, exc, epoch
+        setattr(self, event, self._cancel)
+    def _cancel(self):
+        if self.in_train and (self.epoch, self.iter) == (self.epoch_at, self.it): raise self.exc()
+
+
+@pytest.mark.parametrize('skip', [0, 1])
+def test_gradient_accumulation_does_not_count_a_batch_cancelled_before_backward(skip):
+    "A batch cancelled at after_loss adds no gradient, so it must not count in the window's divisor either."
+    learn = _learner(n_train=12, bs=3, opt_func=SGD)  # 4 batches: with one cancelled, a window of 3
+    ref = copy.deepcopy(learn.model)
+    kept = [b for i, b in enumerate(learn.data.train_dl) if i != skip][:3]
+    chk = InvariantsCallback()
+    Runner([GradientAccumulation(3), CancelAt('after_loss', skip), chk]).fit(1, learn)
+    cross_entropy(ref(torch.cat([b[0] for b in kept])), torch.cat([b[1] for b in kept])).backward()
+    SGD(ref.parameters(), lr=0.1).step()
+    for p, q in zip(learn.model.parameters(), ref.parameters()): torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    assert chk.events.count('after_step') == 1  # the window of three filled at batch 3, the epoch's last
+
+
+def test_gradient_accumulation_starts_each_epoch_from_zero_gradients():
+    "A window cut short by CancelEpoch leaves gradients and a sample count behind: the next epoch must drop both."
+    learn = _learner(n_train=9, bs=3, opt_func=SGD)
+    start = copy.deepcopy(learn.model)
+    Runner([GradientAccumulation(3), CancelAt('begin_batch', 2, CancelEpoch)]).fit(2, learn)  # epoch 0: 2 backwards, no step
+    ref = copy.deepcopy(start)
+    cross_entropy(ref(learn.data.train_ds.x), learn.data.train_ds.y).backward()  # epoch 1: one window of all 9
+    SGD(ref.parameters(), lr=0.1).step()
+    for p, q in zip(learn.model.parameters(), ref.parameters()): torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
 
 
 def test_gradient_accumulation_bad_n():

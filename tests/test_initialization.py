@@ -120,6 +120,21 @@ def test_record_init_calls_outermost_only_and_restores_torch():
     assert dict(vars(nn.init)) == originals
 
 
+def test_record_init_calls_keeps_only_the_outermost_of_nested_inits(monkeypatch):
+    "An initialiser that calls another through `nn.init` (as some torch versions do) is one call, not two."
+    def scaled_normal_(tensor, scale=2.):
+        nn.init.normal_(tensor); return tensor.mul_(scale)
+    monkeypatch.setattr(nn.init, 'scaled_normal_', scaled_normal_, raising=False)
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(3, 4))
+            with torch.no_grad(): nn.init.scaled_normal_(self.w, scale=3.)
+            nn.init.normal_(self.w)
+    _, calls = record_init_calls(Custom)
+    assert calls == [InitCall('w', 'scaled_normal_', {'scale': 3.}), InitCall('w', 'normal_', {'mean': 0.0, 'std': 1.0})]
+
+
 # ---------------------------------------------------------------- layer_stats
 
 def bn_model():
@@ -253,6 +268,25 @@ def test_lsuv_restores_modes_and_buffers():
         assert model.training and model[1].training and not model[2].training and model[3].training
         assert torch.equal(model[1].running_var, running)
     assert hooks_left(model) == []
+
+
+def test_lsuv_runs_in_the_mode_asked_for_without_grad():
+    "Every forward pass runs in eval mode (or train mode with train=True) under no_grad; the modes come back, on error too."
+    seen = []
+    class Spy(nn.Module):
+        def forward(self, x): seen.append((self.training, torch.is_grad_enabled())); return x
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), Spy(), nn.Linear(8, 2))
+    for train, start in ((False, True), (True, False), (False, False), (True, True)):
+        model.train(start); seen.clear()
+        lsuv_(model, torch.randn(64, 10), train=train, tol=0.05)
+        assert seen and set(seen) == {(train, False)}, (train, start, set(seen))
+        assert all(m.training == start for m in model.modules())
+    dead = nn.Sequential(nn.Linear(10, 8), Spy())
+    nn.init.zeros_(dead[0].weight); nn.init.zeros_(dead[0].bias)
+    dead.train(); seen.clear()
+    with pytest.raises(ValueError, match='output std 0'): lsuv_(dead, torch.randn(8, 10))
+    assert seen == [(False, False)] and all(m.training for m in dead.modules())
 
 
 def test_lsuv_by_name_and_max_passes():

@@ -144,3 +144,40 @@ def test_counter_sees_a_per_batch_sync(monkeypatch):
         get_runner([LossPrinter()], report=None).fit(1, Learner(*get_model(data, nh=8), F.cross_entropy, data))
     with pytest.raises(AssertionError, match=r"\('item', 'test_no_host_sync.py:\d+'\): \(10, 40\)"):
         _assert_no_per_batch_sync(run_fit, monkeypatch)
+
+
+def _strict_window():
+    "Two callbacks: any synchronizing CUDA call from the first begin_batch handler to the last after_batch one raises."
+    from lesson9.callbacks import Callback
+    class StrictOpen(Callback):
+        _order = -100  # opens before every other callback's begin_batch
+        def begin_batch(self): torch.cuda.set_sync_debug_mode('error')
+    class StrictClose(Callback):
+        _order = 10_000  # closes after every other callback's after_batch
+        def begin_fit(self): self.batches = 0
+        def after_batch(self): torch.cuda.set_sync_debug_mode(0); self.batches += 1
+    return StrictOpen(), StrictClose()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA here')
+@pytest.mark.parametrize('loss', LOSSES)
+@pytest.mark.parametrize('with_anneal', [False, True], ids=['default cbs', 'default cbs+Recorder+one_cycle'])
+def test_cuda_batches_never_sync(loss, with_anneal):
+    "CUDA's own sync detector, not a count of Python calls: any sync inside a batch (a C++ one too) raises."
+    if with_anneal and anneal is None: pytest.skip("lesson9.anneal does not exist yet")
+    from lesson9.callbacks import Callback
+    def run_fit(*extra):
+        data = DataBunch(*get_dls(*_data(5, 'cuda'), BS, seed=0), c=C)
+        torch.manual_seed(0)
+        model, opt = get_model(data, lr=0.1, nh=8)
+        opened, closed = _strict_window()
+        run = get_runner([opened, closed, *extra, *_runner_cbs(with_anneal)], report=None)
+        try: run.fit(2, Learner(model.to('cuda'), opt, LOSSES[loss], data))
+        finally: torch.cuda.set_sync_debug_mode(0)
+        return run, closed
+    run, closed = run_fit()
+    assert closed.batches == 2 * (5 + 5)  # every training and validation batch ran inside the window
+    assert all(type(v) is float for k, v in run.avg_stats.history[-1].items() if k != 'epoch')
+    class Reads(Callback):  # the detector works: one read of the loss per batch raises
+        def after_loss(self): self.run.loss.item()
+    with pytest.raises(RuntimeError, match='synchroniz'): run_fit(Reads())

@@ -1,5 +1,5 @@
 """lesson9.training against PyTorch: losses, modules, optimizers (every SGD option), data loading and fit."""
-import copy, gc, itertools, math, threading
+import copy, gc, itertools, math, re, threading
 
 import pytest
 import torch
@@ -44,6 +44,22 @@ def test_nll_and_cross_entropy_match_torch(dtype):
     torch.testing.assert_close(cross_entropy(x, y), F.cross_entropy(x, y.long()))
 
 
+INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+
+
+@pytest.mark.parametrize('dtype', INT_DTYPES, ids=str)
+@pytest.mark.parametrize('labels', [[1, 4, 2, 1, 3], [0, 4, 1, 1, 3], [2, 0, 0, 0, 0]])
+def test_every_integer_label_dtype_gives_torchs_answer(dtype, labels):
+    "uint8 labels once indexed as a boolean mask: with no zero label they picked the diagonal, silently."
+    x = torch.randn(5, 5, generator=torch.Generator().manual_seed(0)) * 3
+    y = torch.tensor(labels)
+    want = F.cross_entropy(x, y)
+    torch.testing.assert_close(cross_entropy(x, y.to(dtype)), want)
+    torch.testing.assert_close(nll(F.log_softmax(x, -1), y.to(dtype)), F.nll_loss(F.log_softmax(x, -1), y))
+    if dtype in (torch.uint8, torch.int64): torch.testing.assert_close(F.cross_entropy(x, y.to(dtype)), want)  # torch's own
+    with pytest.raises(ValueError, match='got label 7 with n_classes=5'): cross_entropy(x, torch.tensor([0, 7, 1, 1, 1], dtype=dtype))
+
+
 def test_cross_entropy_gradient_matches_torch():
     x = torch.randn(8, 5, requires_grad=True); y = torch.randint(0, 5, (8,))
     x2 = x.detach().clone().requires_grad_()
@@ -67,6 +83,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r'log_probs must be 2-D'): nll(torch.zeros(2, 3, 4), torch.tensor([0, 1]))
     with pytest.raises(TypeError, match='torch.float32'): cross_entropy(torch.zeros(2, 3), torch.tensor([0., 1.]))
     with pytest.raises(TypeError, match='list'): cross_entropy(torch.zeros(2, 3), [0, 1])
+    with pytest.raises(TypeError, match='torch.bool'): cross_entropy(torch.zeros(2, 2), torch.tensor([True, False]))  # not labels 1, 0
     with pytest.raises(ValueError, match=r'out must be 2-D'): accuracy(torch.zeros(3), torch.tensor([0, 1, 2]))
 
 
@@ -323,6 +340,70 @@ def test_load_state_dict_checks_shape_and_leaves_optimizer_alone_on_error():
     assert _nested_equal(opt.state_dict(), before)
 
 
+@pytest.mark.parametrize('cls, torch_cls', [(SGD, lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=1e-2)),
+                                             (Optimizer, torch.optim.SGD)])
+def test_step_with_a_closure_like_torch(cls, torch_cls):
+    ours, theirs = _model(), _model()
+    o = cls(ours.parameters(), lr=0.1) if cls is Optimizer else SGD(ours.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    t = torch_cls(theirs.parameters(), lr=0.1)
+    for xb, yb in _batches(3):
+        losses, modes = [], []
+        for mod, opt in (ours, o), (theirs, t):
+            def closure():
+                modes.append(torch.is_grad_enabled())
+                opt.zero_grad(); loss = F.cross_entropy(mod(xb), yb); loss.backward(); return loss
+            with torch.no_grad(): losses.append(opt.step(closure))  # the closure still gets gradients
+        assert modes == [True, True] and torch.equal(losses[0], losses[1]) and losses[0].requires_grad
+        _assert_same(ours, theirs)
+    assert o.step() is None
+
+
+def test_unsupported_switches_are_refused_not_ignored():
+    p = torch.zeros(2, requires_grad=True)
+    for k, v in (('maximize', True), ('differentiable', True), ('betas', (0.9, 0.99)), ('momentum', 0.9)):
+        cls = Optimizer if k == 'momentum' else SGD  # the plain optimizer has no momentum
+        with pytest.raises(ValueError, match=re.escape(f"param group sets {k}={v!r}, which {cls.__name__} does not support")):
+            cls([{'params': [p], k: v}], lr=0.1)
+    # torch's switches at values that change nothing are accepted, and dropped
+    opt = SGD([{'params': [p], 'maximize': False, 'foreach': None, 'differentiable': False, 'fused': None}], lr=0.1)
+    assert set(opt.param_groups[0]) == {'params', 'lr', 'momentum', 'dampening', 'weight_decay', 'nesterov'}
+
+
+def test_torch_state_dict_loads_and_continues_like_torch():
+    ours, theirs = _model(), _model()
+    t = torch.optim.SGD(_groups(theirs, dict(momentum=0.9, nesterov=True), dict(lr=0.01)), lr=0.1, momentum=0.5)
+    _train(theirs, t, _batches(3))
+    ours.load_state_dict(theirs.state_dict())
+    o = SGD(_groups(ours, {}, {}), lr=9.)
+    o.load_state_dict(t.state_dict())
+    assert [g['lr'] for g in o.param_groups] == [0.1, 0.01, 0.1] and 'maximize' not in o.param_groups[0]
+    _train(ours, o, _batches(3, seed=5)); _train(theirs, t, _batches(3, seed=5))
+    _assert_same(ours, theirs)
+    # and ours loads into torch's
+    t2 = torch.optim.SGD(_groups(theirs, {}, {}), lr=9.); t2.load_state_dict(o.state_dict())
+    _train(ours, o, _batches(2, seed=6)); _train(theirs, t2, _batches(2, seed=6))
+    _assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('maximize', True, 'param group 0 of the state_dict sets maximize=True, which SGD does not support'),
+    ('differentiable', True, 'sets differentiable=True'),
+    ('betas', (0.9, 0.999), 'sets betas='),
+    ('momentum', None, 'param group 0 of the state_dict lacks momentum'),
+])
+def test_load_state_dict_refuses_what_it_would_ignore(key, value, match):
+    model = _model()
+    t = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, maximize=key == 'maximize')
+    _train(model, t, _batches(1))
+    sd = t.state_dict()
+    if value is None: del sd['param_groups'][0][key]
+    else: sd['param_groups'][0][key] = value
+    o = SGD(model.parameters(), lr=0.5)
+    before = o.state_dict()
+    with pytest.raises(ValueError, match=re.escape(match)): o.load_state_dict(sd)
+    assert _nested_equal(o.state_dict(), before)
+
+
 # ---------------------------------------------------------------- data
 
 def test_dataset():
@@ -417,6 +498,50 @@ def test_dataloader_paths():
     assert not DataLoader(Dataset(x, y), 8, collate_fn=lambda b: collate(b)).fast
     assert not DataLoader(Dataset(list(x), list(y)), 8).fast
     _same_batches(DataLoader(Dataset(list(x), list(y)), 8), DataLoader(Dataset(x, y), 8))
+
+
+class Centred(Dataset):
+    "A per-sample transform: each input minus its own mean (on a whole batch, `x[i].mean()` would be the batch's mean)."
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x - x.mean(), y
+
+
+class CentredTensors(torch.utils.data.TensorDataset):
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x - x.mean(), y
+
+
+class CentredDeclared(Centred):
+    "Declares that indexing with a batch equals stacking the samples: true here, as the mean is over the last dim."
+    batch_indexable = True
+    def __getitem__(self, i):
+        x, y = Dataset.__getitem__(self, i)
+        return x - x.mean(-1, keepdim=True), y
+
+
+@pytest.mark.parametrize('cls', [Centred, CentredTensors])
+def test_an_overridden_getitem_goes_sample_by_sample(cls):
+    x, y = _data()
+    dl = DataLoader(cls(x, y), 16, shuffle=True, seed=3)
+    order = list(Sampler(len(x), 16, True, seed=3))
+    want = [collate([cls(x, y)[i] for i in idxs.tolist()]) for idxs in order]
+    _same_batches(dl, want)
+    assert not dl.fast
+    assert not torch.equal(next(iter(dl))[0], cls(x, y)[order[0]][0])  # one call on the batch would differ
+
+
+def test_a_dataset_can_declare_batch_indexing():
+    x, y = _data()
+    dl = DataLoader(CentredDeclared(x, y), 16)
+    assert dl.fast
+    _same_batches(dl, DataLoader(CentredDeclared(x, y), 16, collate_fn=lambda b: collate(b)))
+    class Says(PerSample): batch_indexable = True
+    class SaysNo(Dataset): batch_indexable = False
+    assert DataLoader(Says(x, y), 4).fast and not DataLoader(SaysNo(x, y), 4).fast
+    ds = PerSample(x, y); ds.batch_indexable = True
+    assert DataLoader(ds, 4).fast
 
 
 def test_dataloader_epochs_are_reproducible_and_differ():
@@ -557,3 +682,17 @@ def test_seeded_fit_is_deterministic():
         tdl, vdl = get_dls(Dataset(x, y), Dataset(x, y), 8)   # seed=None: the global generator, seeded above
         return fit(3, model, cross_entropy, SGD(model.parameters(), lr=0.2, momentum=0.9), tdl, vdl)
     assert run() == run()
+
+
+def test_fit_lowers_the_loss():
+    "Training moves the model: each epoch's training loss is below the last, and validation improves on the start."
+    x, y = _tiny(200, seed=2)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()          # a learnable rule, three classes
+    torch.manual_seed(0); model = get_mlp(4, 16, 3)
+    tdl, vdl = get_dls(Dataset(x[:150], y[:150]), Dataset(x[150:], y[150:]), 16, seed=0)
+    with torch.no_grad(): start = cross_entropy(model(x[150:]), y[150:]).item()
+    h = fit(4, model, cross_entropy, SGD(model.parameters(), lr=0.1), tdl, vdl)
+    train = [s['train_loss'] for s in h]
+    assert all(b < a for a, b in zip(train, train[1:])), train
+    assert h[-1]['valid_loss'] < 0.75 * start and h[-1]['valid_acc'] > h[0]['train_acc']
+    with torch.no_grad(): assert cross_entropy(model(x[150:]), y[150:]).item() == pytest.approx(h[-1]['valid_loss'], abs=1e-6)
