@@ -2,9 +2,11 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=3 tests/dist_worker.py RESULTS OUT [--fail-rank R]
 
-Every rank writes what it ended with to RESULTS/rank<r>.pt, for the tests to compare with one process.
-Rank 0 alone writes OUT/checkpoint.pt and OUT/history.json, as a main program would (each file is created
-with mode 'x', so a second writer fails the job); then every rank loads the checkpoint.
+It trains for EPOCHS epochs; every rank writes what it ended with to RESULTS/rank<r>.pt, for the tests to
+compare with one process. Then it checks the checkpoint recipe: a second training stops after one epoch,
+rank 0 alone writes OUT/checkpoint.pt and OUT/history.json, as a main program would (each file is created
+with mode 'x', so a second writer fails the job), and every rank resumes from the checkpoint for the
+remaining epoch; RESULTS/rank<r>.pt also holds the weights that gives.
 With --fail-rank R, rank R raises during its second training batch.
 """
 import argparse, json, sys
@@ -22,14 +24,14 @@ from lesson9.training import SGD, Dataset, accuracy, cross_entropy, get_dls
 N_TRAIN, N_VALID, BS, EPOCHS, TIMEOUT = 26, 17, 8, 2, 60.
 
 
-def make_learner()->Learner:
-    "The same data, weights and optimizer in every process: a 6-5-3 MLP, SGD with momentum, seeded loaders."
+def make_learner(seed:int=2)->Learner:
+    "The same data, weights and optimizer in every process: a 6-5-3 MLP, SGD with momentum, loaders shuffled by `seed`."
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N_TRAIN + N_VALID, 6, generator=g)
     y = torch.randint(0, 3, (N_TRAIN + N_VALID,), generator=g)
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    train_dl, valid_dl = get_dls(Dataset(x[:N_TRAIN], y[:N_TRAIN]), Dataset(x[N_TRAIN:], y[N_TRAIN:]), BS, seed=2)
+    train_dl, valid_dl = get_dls(Dataset(x[:N_TRAIN], y[:N_TRAIN]), Dataset(x[N_TRAIN:], y[N_TRAIN:]), BS, seed=seed)
     return Learner(model, SGD(model.parameters(), lr=0.3, momentum=0.9), cross_entropy, DataBunch(train_dl, valid_dl, 3))
 
 
@@ -56,21 +58,26 @@ def main(argv=None):
         cbs = [DistributedCallback(timeout=TIMEOUT)] + ([FailOnRank(args.fail_rank)] if args.fail_rank is not None else [])
         run = get_runner(cbs, metrics={'acc': accuracy})
         run.fit(EPOCHS, learn)
+        results = {'rank': world.rank, 'world_size': world.world_size, 'weights': learn.model.state_dict(),
+                   'history': run.avg_stats.history, 'train_count': run.avg_stats.train_stats.count,
+                   'valid_count': run.avg_stats.valid_stats.count}
+
+        # the checkpoint recipe: rank 0 saves after one epoch, every rank loads and trains the other epoch
+        first = make_learner()
+        get_runner([DistributedCallback(timeout=TIMEOUT)], report=None).fit(1, first)
         out = Path(args.out)
         if is_main_process():
-            ckpt = {'model': learn.model.state_dict(), 'opt': learn.opt.state_dict(),
-                    'train_generator': learn.data.train_dl.sampler.generator.get_state()}
+            ckpt = {'model': first.model.state_dict(), 'opt': first.opt.state_dict(),
+                    'train_generator': first.data.train_dl.sampler.generator.get_state()}
             _write_new(out/'checkpoint.pt', lambda f: torch.save(ckpt, f))
             _write_new(out/'history.json', lambda f: f.write(json.dumps({'written_by': world.rank, 'history': run.avg_stats.history}).encode()))
         barrier()  # the checkpoint is complete before any rank reads it
         ckpt = torch.load(out/'checkpoint.pt', map_location=world.device)
-        loaded = make_learner()
-        loaded.model.load_state_dict(ckpt['model']); loaded.opt.load_state_dict(ckpt['opt'])
-        same = all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), learn.model.state_dict().values()))
-        torch.save({'rank': world.rank, 'world_size': world.world_size, 'weights': learn.model.state_dict(),
-                    'history': run.avg_stats.history, 'train_count': run.avg_stats.train_stats.count,
-                    'valid_count': run.avg_stats.valid_stats.count, 'checkpoint_matches': same},
-                   Path(args.results)/f'rank{world.rank}.pt')
+        resumed = make_learner()
+        resumed.model.load_state_dict(ckpt['model']); resumed.opt.load_state_dict(ckpt['opt'])
+        resumed.data.train_dl.sampler.generator.set_state(ckpt['train_generator'])
+        get_runner([DistributedCallback(timeout=TIMEOUT)], report=None).fit(EPOCHS - 1, resumed)
+        torch.save({**results, 'resumed_weights': resumed.model.state_dict()}, Path(args.results)/f'rank{world.rank}.pt')
 
 
 if __name__ == '__main__': main()

@@ -6,7 +6,7 @@ Starting torch in a process takes seconds on a small machine, so all jobs start 
 of which one fails, and two simulated machines (two torchrun agents, `--nnodes=2`) of one process each.
 The one-process reference is the same training run here, without the distributed callback.
 """
-import json, os, socket, subprocess, sys
+import json, multiprocessing, os, socket, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ import torch
 
 import dist_worker as W
 from lesson9.callbacks import format_stats, get_runner
+from lesson9.distributed import DistributedCallback, distributed
 from lesson9.training import accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +143,11 @@ def test_only_rank_0_reports_and_writes(jobs):
     assert saved['written_by'] == 0 and saved['history'] == ranks[0]['history']
     # one report per epoch (rank 0's), not one per rank
     assert [l for l in stdout.splitlines() if l.startswith('epoch ')] == [format_stats(h) for h in ranks[0]['history']]
-    assert all(r['checkpoint_matches'] for r in ranks)  # every rank loaded rank 0's checkpoint after the barrier
+
+
+def test_every_rank_resumes_from_rank_0s_checkpoint(jobs):
+    for r in jobs[3].ranks():  # one epoch, rank 0's checkpoint, loaded by every rank, one more epoch: as two epochs straight
+        assert _max_diff(r['resumed_weights'], r['weights']) < 1e-6, f"rank {r['rank']}"
 
 
 def test_a_failing_rank_ends_the_job(jobs):
@@ -150,4 +155,33 @@ def test_a_failing_rank_ends_the_job(jobs):
     (rc, stdout, stderr), = job.wait()
     assert rc != 0
     assert 'rank 1 of 2 failed: RuntimeError: deliberate failure on rank 1' in stderr, stderr
+    assert 'deliberate failure on rank 1' in stderr.split('Root Cause')[-1], stderr  # torchrun's summary has the traceback
     assert not list(job.results.iterdir()) and not list(job.out.iterdir())  # no rank got to the end
+
+
+def _rank_main(rank, port, seeds, results):
+    "One of two ranks started by hand (torchrun's variables set here): fit one epoch with its loader seeded by `seeds[rank]`."
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        with distributed(timeout=W.TIMEOUT):
+            get_runner([DistributedCallback(timeout=W.TIMEOUT)], report=None).fit(1, W.make_learner(seeds[rank]))
+        outcome = 'ok'
+    except Exception as e: outcome = f"{type(e).__name__}: {e}"
+    (results/f'rank{rank}.txt').write_text(outcome)
+
+
+@pytest.mark.parametrize('seeds,error', [((2, 3), "ValueError: ranks [1] would not draw the same batches as rank 0"),
+                                         ((None, None), "ValueError: the training loader shuffles with torch's global generator (seed=None)")])
+def test_ranks_that_would_draw_different_batches_stop_at_once(tmp_path, seeds, error):
+    # two processes forked from this one (torch is already imported: they start at once), without torchrun
+    ctx, port = multiprocessing.get_context('fork'), _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, seeds, tmp_path)) for r in range(2)]
+    for p in procs: p.start()
+    for p in procs: p.join(HANG_GUARD)
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive(): p.kill()
+    assert not hung, "a rank was still running: hung"
+    outcomes = [(tmp_path/f'rank{r}.txt').read_text() for r in range(2)]
+    assert all(o.startswith(error) for o in outcomes), outcomes  # the same clear error on both ranks, no hang
