@@ -275,8 +275,8 @@ class DistributedCallback(Callback):
         run, n = self.run, len(self.run.yb)
         if n == 0: self._set_aside_stats()
         if not run.in_train: return
-        if n == 0: run.loss_grad = run.pred.sum() * 0.  # no sample: a zero gradient, but DDP still needs this rank's backward
-        else: run.loss_grad = run.loss_grad * shard_loss_weight(n, run.dl.global_size(run.iter), self.world.world_size)
+        # an empty part has weight 0: a zero gradient (not NaN), and still a backward pass, which DDP waits for
+        run.loss_grad = run.loss_grad * shard_loss_weight(n, run.dl.global_size(run.iter), self.world.world_size)
 
     def _set_aside_stats(self):
         "Keep the mean over no samples (NaN) out of the running sums for this batch."

@@ -185,3 +185,32 @@ def test_ranks_that_would_draw_different_batches_stop_at_once(tmp_path, seeds, e
     assert not hung, "a rank was still running: hung"
     outcomes = [(tmp_path/f'rank{r}.txt').read_text() for r in range(2)]
     assert all(o.startswith(error) for o in outcomes), outcomes  # the same clear error on both ranks, no hang
+
+
+def _hanging_rank_main(rank, port, release, results):
+    "Rank 1 joins the group, then hangs (alive, in no collective) until `release` is set; rank 0 trains."
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        with distributed(timeout=3):
+            if rank == 1: release.wait(HANG_GUARD)
+            else: get_runner([DistributedCallback(timeout=3)], report=None).fit(1, W.make_learner())
+        outcome = 'ok'
+    except Exception as e: outcome = f"{type(e).__name__}: {e}"
+    (results/f'rank{rank}.txt').write_text(outcome)
+
+
+def test_a_hanging_rank_is_ended_by_the_timeout(tmp_path):
+    ctx, port = multiprocessing.get_context('fork'), _free_port()
+    release = ctx.Event()
+    procs = [ctx.Process(target=_hanging_rank_main, args=(r, port, release, tmp_path)) for r in range(2)]
+    for p in procs: p.start()
+    procs[0].join(HANG_GUARD)  # rank 0 waits for rank 1 in its first collective, at most the timeout
+    still_waiting = procs[0].is_alive()
+    release.set()
+    for p in procs: p.join(HANG_GUARD)
+    for p in procs:
+        if p.is_alive(): p.kill()
+    assert not still_waiting, "rank 0 was still waiting for the hanging rank: no timeout"
+    outcome = (tmp_path/'rank0.txt').read_text()
+    assert outcome.startswith('RuntimeError') and 'timed out' in outcome.lower(), outcome
