@@ -41,7 +41,9 @@ def training_state(run, # a `Runner`, at `after_batch` or `after_epoch` of a fit
     "Everything needed to carry on exactly: the model, optimizer, runner (position and callbacks), loaders and random state."
     learn = run.learn
     if learn is None: raise ValueError("training_state needs a runner that is fitting (call it from a callback)")
-    return _to_cpu(dict(format=CHECKPOINT_FORMAT, model=learn.model.state_dict(), opt=learn.opt.state_dict(),
+    model = learn.model
+    while isinstance(getattr(model, 'module', None), torch.nn.Module): model = model.module  # the model inside DDP and the like
+    return _to_cpu(dict(format=CHECKPOINT_FORMAT, model=model.state_dict(), opt=learn.opt.state_dict(),
                         runner=run.state_dict(), loaders=_loader_states(learn.data), rng=_rng_state(), extra=extra or {}))
 
 def save_checkpoint(path, # the file to write (atomically: a crash leaves the previous one)
@@ -167,16 +169,20 @@ class Checkpoint(Callback):
 
     def begin_fit(self): self.stopped_at = None
 
+    def save(self)->dict:
+        "Save the training state now; returns it (a subclass may save elsewhere, or only on one process)."
+        return save_checkpoint(self.path, self.run, self.extra)
+
     def after_batch(self):
         if self.stop_requested is not None: self._save_and_stop()
 
     def after_epoch(self):
         run = self.run
         if self.stop_requested is not None: self._save_and_stop()
-        elif (run.epoch + 1) % self.every == 0 or run.epoch + 1 == run.epochs: save_checkpoint(self.path, run, self.extra)
+        elif (run.epoch + 1) % self.every == 0 or run.epoch + 1 == run.epochs: self.save()
 
     def _save_and_stop(self):
-        r = save_checkpoint(self.path, self.run, self.extra)['runner']
+        r = self.save()['runner']
         self.stopped_at = {k: r[k] for k in ('epoch', 'in_train', 'iter')}  # the next batch to run
         raise CancelTrain()
 

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['World', 'world_info', 'setup_distributed', 'is_main_process', 'barrier', 'destroy_distributed', 'distributed',
            'shard_bounds', 'ShardedSampler', 'ShardedLoader', 'shard_loss_weight', 'pack_stats', 'unpack_stats',
-           'DistributedCallback']
+           'DistributedCallback', 'DistributedCheckpoint']
 
 # %% ../nbs/07_distributed.ipynb #2c3d5d4c
 import contextlib, datetime, hashlib, os, sys
@@ -17,6 +17,8 @@ from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 from torch.nn.parallel import DistributedDataParallel
 
 from .callbacks import AvgStatsCallback, Callback, DataBunch, GradientAccumulation
+from .checkpoint import Checkpoint, training_state
+from .data import atomic_write
 from .training import DataLoader, Sampler
 
 # %% ../nbs/07_distributed.ipynb #9b457812
@@ -143,10 +145,24 @@ class ShardedSampler:
 
     def __len__(self): return len(self.sampler)  # every rank has a part (maybe empty) of every batch
 
-    def __iter__(self):
-        for idxs in self.sampler:
-            start, stop = shard_bounds(len(idxs), self.rank, self.world_size)
-            yield idxs[start:stop]
+    def __iter__(self): return self._parts(iter(self.sampler))
+
+    def iter_from(self, start:int # the batch to start at
+                 ):
+        "This rank's parts of the rest of the latest epoch, from batch `start` (see `Sampler.iter_from`)."
+        return self._parts(self.sampler.iter_from(start))
+
+    def _parts(self, batches):
+        for idxs in batches:
+            lo, hi = shard_bounds(len(idxs), self.rank, self.world_size)
+            yield idxs[lo:hi]
+
+    def state_dict(self)->dict:
+        "The global sampler's state: the same on every rank."
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, sd:dict # from `state_dict()`
+                       ): self.sampler.load_state_dict(sd)
 
     def global_size(self, i:int # index of the batch in the epoch
                    )->int:
@@ -306,3 +322,22 @@ class DistributedCallback(Callback):
         learn.model, learn.data, reports = self._saved
         for cb, report in reports: cb.report = report
         self.active, self._saved = False, None
+
+# %% ../nbs/07_distributed.ipynb #df986c26
+class DistributedCheckpoint(Checkpoint):
+    "`Checkpoint` for a torchrun job: the ranks agree to stop at an epoch's end, and rank 0 alone writes the file."
+    def save(self)->dict:
+        state = training_state(self.run, self.extra)  # every rank holds the same state; one copy is written
+        if is_main_process(): atomic_write(self.path, lambda f: torch.save(state, f))
+        barrier()  # the file is whole before any rank goes on (and might read it)
+        return state
+
+    def after_batch(self): pass  # ranks stop together, so not in the middle of an epoch
+
+    def after_epoch(self):
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # a signal may reach some ranks only: one tiny collective per epoch makes the decision common
+            flag = torch.tensor([self.stop_requested is not None], dtype=torch.int32, device=_comm_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and self.stop_requested is None: self.stop_requested = 'a stop requested on another rank'
+        super().after_epoch()
