@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'DEFAULT_LR', 'DEFAULTS', 'SEED_LIMIT', 'EXIT_CODES', 'loss_figure', 'UsageError', 'make_parser',
-           'run_options', 'check_device', 'check_data', 'Interrupted', 'run_job', 'main']
+           'run_options', 'check_device', 'check_data', 'Interrupted', 'run_job', 'main', 'evaluate']
 
 # %% ../nbs/09_cli.ipynb #c8cf59fe
 import argparse, difflib, math, os, platform, shutil, signal, sys, tempfile, time, traceback
@@ -73,7 +73,10 @@ never stopped.
 
 exit codes: 0 finished; 1 failed (the message says where the traceback went); 2 bad option,
 data or folder; 3 diverged (the loss stopped being a number); 130 stopped by SIGINT (Ctrl-C);
-143 stopped by SIGTERM."""
+143 stopped by SIGTERM.
+
+more processes: torchrun --standalone --nproc_per_node=N -m lesson9 [options] trains the same
+model with each process taking part of every batch; rank 0 writes the outputs."""
 
 def make_parser()->argparse.ArgumentParser:
     "The command-line options of `lesson9-train`."
@@ -92,6 +95,7 @@ def make_parser()->argparse.ArgumentParser:
     p.add_argument('--device', default='auto', help="'cpu', 'cuda', 'cuda:N', 'mps', or 'auto' = cuda when available (default auto)")
     p.add_argument('--out', default='runs/lesson9-train', help="folder for the outputs (default runs/lesson9-train)")
     p.add_argument('--resume', action='store_true', help="carry on with the run saved in --out, with its saved options")
+    p.add_argument('--evaluate', action='store_true', help="print the validation loss and accuracy of the model.pt in --out, and exit")
     p.add_argument('--quiet', action='store_true', help="print only the final line")
     p.add_argument('--debug', action='store_true', help="on an unexpected error, show the whole traceback")
     return p
@@ -180,6 +184,11 @@ def _data_sha256(tensors)->str:
     return h.hexdigest()
 
 # %% ../nbs/09_cli.ipynb #53764643
+def _metrics()->dict:
+    "The metrics of training and of `--evaluate`: one definition, so both compute the same numbers."
+    from lesson9.training import accuracy
+    return {'acc': accuracy}
+
 def _row(h): return f"{h['epoch']:>5} {h['train_loss']:>10.4f} {h['train_acc']:>9.4f} {h['valid_loss']:>10.4f} {h['valid_acc']:>9.4f}"
 _HEADER = f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'valid_loss':>10} {'valid_acc':>9}"
 
@@ -190,25 +199,32 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
     import torch
     from lesson9.anneal import Recorder, one_cycle
     from lesson9.callbacks import DataBunch, DeviceCallback, Learner, ProgressCallback, get_runner
-    from lesson9.checkpoint import Checkpoint, DivergenceCallback, TrainingDiverged, load_checkpoint, read_checkpoint
+    from lesson9.checkpoint import Checkpoint, DivergenceCallback, RunFolder, TrainingDiverged, load_checkpoint, read_checkpoint
     from lesson9.data import get_data
+    from lesson9.distributed import DistributedCallback, DistributedCheckpoint, distributed, world_info
     from lesson9.training import Dataset, SGD, accuracy, cross_entropy, get_dls, get_mlp
 
     t0 = time.perf_counter()
+    world = world_info()  # torchrun's ranks, or one process
+    main_rank = world.rank == 0
     device = check_device(args.device)
+    if device.type == 'cuda' and world.world_size > 1: device = torch.device('cuda', world.local_rank)  # a GPU per process
     if args.resume:
         given = [f'--{k}' for k in DEFAULTS if getattr(args, k) is not None]
         if given: raise UsageError(f"--resume carries on with the saved options; leave out {', '.join(given)}")
     else: check_data(run_options(args)['data'])
     made = not Path(args.out).exists()
-    folder = _open_folder(args.out)
+    folder = _open_folder(args.out) if main_rank else RunFolder(args.out)  # rank 0 alone locks and writes
     try:
-        with _Signals() as signals:
+        with _Signals() as signals, distributed('gloo' if device.type == 'cpu' else 'nccl') as world:
             try:  # setting up: on any failure, leave no folder behind that this run created
                 if args.resume:
                     ck_path = _resume_source(folder)
                     saved = read_checkpoint(ck_path)['extra']
                     opts = saved['options']
+                    if saved.get('world_size', 1) != world.world_size:
+                        raise UsageError(f"--resume: the run in {args.out} was saved by {saved.get('world_size', 1)} process(es); "
+                                         f"carry it on with as many, not {world.world_size}")
                 else: opts = run_options(args)
                 tensors = get_data(opts['data'])
                 fingerprint = _data_sha256(tensors)
@@ -216,24 +232,26 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
                     raise UsageError(f"--resume: the data {opts['data']!r} is not what the saved run trained on")
             except BaseException:
                 folder.close()
-                if made: shutil.rmtree(args.out, ignore_errors=True)
+                if made and main_rank: shutil.rmtree(args.out, ignore_errors=True)
                 raise
             x_train, y_train, x_valid, y_valid = (t.to(device) for t in tensors)  # moved once: no copy per batch
             torch.manual_seed(opts['seed'])
             model = get_mlp(x_train.shape[1], opts['nh'], int(y_train.max()) + 1)
             data = DataBunch(*get_dls(Dataset(x_train, y_train), Dataset(x_valid, y_valid), opts['bs'], seed=opts['seed']), c=10)
             learn = Learner(model, SGD(model.parameters(), lr=opts['lr']), cross_entropy, data)
-            ckpt = Checkpoint(folder.work/'checkpoint.pt', extra={'options': opts, 'data_sha256': fingerprint})
-            recorder = Recorder()
+            extra = {'options': opts, 'data_sha256': fingerprint, 'world_size': world.world_size}
+            ckpt = (DistributedCheckpoint if world.world_size > 1 else Checkpoint)(folder.work/'checkpoint.pt', extra=extra)
+            recorder, quiet = Recorder(), args.quiet or not main_rank
             def on_epoch(h):
-                if not args.quiet: log(_row(h), flush=True)
+                if not quiet: log(_row(h), flush=True)
             scheds = one_cycle(opts['lr']) if opts['schedule'] == 'one_cycle' else []
-            run = get_runner([DeviceCallback(device), recorder, ProgressCallback(enabled=False if args.quiet else None),
-                              DivergenceCallback(), ckpt] + scheds, metrics={'acc': accuracy}, report=on_epoch)
+            multi = [DistributedCallback()] if world.world_size > 1 else []
+            run = get_runner([DeviceCallback(device), *multi, recorder, ProgressCallback(enabled=False if quiet else None),
+                              DivergenceCallback(), ckpt] + scheds, metrics=_metrics(), report=on_epoch)
             resume = load_checkpoint(ck_path, learn)[0] if args.resume else None
             signals.checkpoint = ckpt  # from here a signal saves and stops at the next batch
             done = resume['cbs']['avg_stats']['history'] if resume else []
-            if not args.quiet:
+            if not quiet:
                 log(_HEADER, flush=True)
                 for h in done: log(_row(h), flush=True)
             status, message = 'finished', None
@@ -246,9 +264,11 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
                            f"carry on with: lesson9-train --resume --out {args.out}")
             signals.publishing = True  # from here a signal waits until the outputs are in place
             history = run.avg_stats.history
+            code = EXIT_CODES.get(status if status != 'interrupted' else ckpt.stop_requested, 1)
+            if not main_rank: return dict(status=status, message=message, history=history, exit_code=code)
             summary = dict(status=status, message=message, stopped_at=ckpt.stopped_at, final=history[-1] if history else None,
                            history=history, seconds=round(time.perf_counter() - t0, 3),
-                           config=dict(opts, device=str(device)), data=dict(n_train=len(x_train), n_valid=len(x_valid), sha256=fingerprint),
+                           config=dict(opts, device=str(device), processes=world.world_size), data=dict(n_train=len(x_train), n_valid=len(x_valid), sha256=fingerprint),
                            versions=dict(lesson9=lesson9.__version__, torch=torch.__version__, python=platform.python_version()))
             weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             png = lambda fig: (lambda f: fig.savefig(f, format='png', dpi=100))
@@ -262,7 +282,7 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
                                        f"there are unchanged, and `lesson9-train --resume --out {args.out}` writes them once that is fixed") from None
             if status == 'diverged': ckpt.path.unlink(missing_ok=True)  # a diverged run is not one to carry on
             else: ckpt.path.unlink()  # now a link in the published set
-            summary['exit_code'] = EXIT_CODES.get(status if status != 'interrupted' else ckpt.stop_requested, 1)
+            summary['exit_code'] = code
             return summary
     finally: folder.close()
 
@@ -277,12 +297,22 @@ def _save_traceback()->str:
     with os.fdopen(fd, 'w') as f: traceback.print_exc(file=f)
     return path
 
+def _evaluate(args)->int:
+    "`--evaluate`: print the published model's validation stats."
+    given = [f'--{k}' for k in DEFAULTS if getattr(args, k) is not None] + ['--resume']*args.resume
+    if given: raise UsageError(f"--evaluate uses the options saved with the run; leave out {', '.join(given)}")
+    ev = evaluate(args.out, check_device(args.device))
+    if os.environ.get('RANK', '0') == '0':  # under torchrun, one line, not one per process
+        print(f"valid_loss {ev['valid_loss']:.10f} valid_acc {ev['valid_acc']:.10f} on {ev['n_valid']} samples ({Path(args.out)/'model.pt'})", flush=True)
+    return 0
+
 def main(argv:list=None # command-line arguments (default: sys.argv[1:])
         )->int: # exit code, see `EXIT_CODES`
     "Entry point of `lesson9-train` and `python -m lesson9`."
     args = make_parser().parse_args(argv)
     try:
         from lesson9.data import DataError
+        if args.evaluate: return _evaluate(args)
         s = run_job(args)
     except (UsageError, DataError) as e: return _fail(str(e), EXIT_CODES['usage'])
     except (Interrupted, KeyboardInterrupt) as e:
@@ -294,9 +324,37 @@ def main(argv:list=None # command-line arguments (default: sys.argv[1:])
     except Exception as e:
         if args.debug: raise
         return _fail(f"{type(e).__name__}: {e} (the full traceback is in {_save_traceback()}; --debug shows it here)", EXIT_CODES['error'])
+    if 'files' not in s: return s['exit_code']  # another process of a torchrun job: rank 0 reports
     if s['status'] == 'finished':
         f, n = s['final'], len(s['history'])
         print(f"valid accuracy {f['valid_acc']:.4f} (loss {f['valid_loss']:.4f}) after {n} epoch{'s'*(n > 1)} in {s['seconds']:.1f}s; "
               f"wrote {', '.join(s['files'])} and summary.json in {args.out}", flush=True)
     else: print(f"lesson9-train: {s['message']}", file=sys.stderr, flush=True)
     return s['exit_code']
+
+# %% ../nbs/09_cli.ipynb #dd841de1
+def evaluate(out, # a folder where `lesson9-train` published a run
+             device='cpu' # where to compute
+            )->dict:
+    "The validation loss and accuracy of `out`'s `model.pt`, in one process, on the data and batch size it was trained with."
+    import torch
+    from lesson9.callbacks import AvgStats
+    from lesson9.checkpoint import RunFolder, sha256sum
+    from lesson9.data import get_data
+    from lesson9.training import DataLoader, Dataset, cross_entropy, get_mlp
+    folder = RunFolder(out)
+    s = folder.summary()
+    if s is None or 'model.pt' not in s.get('files', {}): raise UsageError(f"--evaluate: no model.pt published in {out}")
+    if sha256sum(folder.path/'model.pt') != s['files']['model.pt']:
+        raise UsageError(f"--evaluate: {folder.path/'model.pt'} does not match the sha256 in its summary.json")
+    opts = s['config']
+    weights = torch.load(folder.path/'model.pt', map_location='cpu', weights_only=True)
+    x_valid, y_valid = (t.to(device) for t in get_data(opts['data'])[2:])
+    model = get_mlp(x_valid.shape[1], opts['nh'], weights['2.weight'].shape[0])
+    model.load_state_dict(weights); model.to(device).eval()
+    stats = AvgStats(_metrics(), in_train=False)
+    with torch.no_grad():
+        for xb, yb in DataLoader(Dataset(x_valid, y_valid), 2*opts['bs']):  # the batches validation used
+            pred = model(xb)
+            stats.accumulate(cross_entropy(pred, yb), pred, yb)
+    return {**stats.as_dict(), 'n_valid': len(x_valid)}

@@ -1,0 +1,85 @@
+"""The main job under torchrun, as users launch it: the same outputs as one process, --evaluate agrees with the
+run's own validation, a stopped job carries on with the same number of processes, two simulated machines."""
+import json, os, signal, socket, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run']
+def args(epochs=2): return ['-m', 'lesson9', '--epochs', str(epochs), '--schedule', 'constant', '--device', 'cpu']
+ARGS = args()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def job(*argv, **kw):
+    return subprocess.run(list(argv), capture_output=True, text=True, env=ENV, timeout=600, **kw)
+
+
+def close(a, b, tol=1e-5):
+    "Histories equal to `tol` (sums over ranks are added in another order than in one process)."
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra: assert abs(ra[k] - rb[k]) <= tol, (k, ra[k], rb[k])
+
+
+@pytest.fixture(scope='module')
+def one_process(tmp_path_factory):
+    d = tmp_path_factory.mktemp('one')
+    r = job(sys.executable, *ARGS, '--out', str(d))
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def summary(d): return json.loads((Path(d)/'summary.json').read_text())
+
+
+def test_three_processes_give_the_outputs_of_one(one_process, tmp_path):
+    r = job(*TORCHRUN, '--standalone', '--nproc_per_node=3', *ARGS, '--out', str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count('train_loss') == 1 and r.stdout.count('valid accuracy') == 1   # rank 0 alone prints
+    s, ref = summary(tmp_path), summary(one_process)
+    assert s['status'] == 'finished' and s['config']['processes'] == 3
+    assert sorted(s['files']) == sorted(ref['files'])
+    close(s['history'], ref['history'])
+    w, wr = (torch.load(Path(d)/'model.pt', weights_only=True) for d in (tmp_path, one_process))
+    assert all(torch.allclose(w[k], wr[k], atol=1e-5, rtol=0) for k in w)
+    ev = job(sys.executable, '-m', 'lesson9', '--evaluate', '--out', str(tmp_path))
+    assert ev.returncode == 0, ev.stderr
+    loss = float(ev.stdout.split()[1])
+    assert abs(loss - s['final']['valid_loss']) <= 1e-6, (loss, s['final'])
+
+
+def test_a_stopped_job_carries_on_with_as_many_processes(one_process, tmp_path):
+    p = subprocess.Popen([*TORCHRUN, '--standalone', '--nproc_per_node=2', *args(4), '--out', str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    assert p.stdout.readline().split()[0] == 'epoch'
+    assert p.stdout.readline().split()[0] == '1'
+    p.send_signal(signal.SIGTERM)   # torchrun passes it on to every process; they stop together at an epoch's end
+    p.communicate(timeout=300)
+    s = summary(tmp_path)
+    assert s['status'] == 'interrupted' and s['stopped_at']['iter'] == 0 and 1 <= len(s['history']) < 4
+    wrong = job(sys.executable, '-m', 'lesson9', '--resume', '--out', str(tmp_path))
+    assert wrong.returncode == 2 and 'saved by 2 process(es)' in wrong.stderr, wrong.stderr
+    r = job(*TORCHRUN, '--standalone', '--nproc_per_node=2', '-m', 'lesson9', '--resume', '--out', str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    ref = job(sys.executable, *args(4), '--out', str(tmp_path.parent/'four'))
+    assert ref.returncode == 0
+    close(summary(tmp_path)['history'], summary(tmp_path.parent/'four')['history'])
+
+
+def test_two_machines_simulated_on_this_one(one_process, tmp_path):
+    port = free_port()
+    nodes = [subprocess.Popen([*TORCHRUN, '--nnodes=2', '--nproc_per_node=1', f'--node_rank={k}', '--master_addr=127.0.0.1',
+                               f'--master_port={port}', *ARGS, '--out', str(tmp_path/f'node{k}')],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for k in (0, 1)]
+    outs = [n.communicate(timeout=600) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], [o[1][-2000:] for o in outs]
+    assert not (tmp_path/'node1'/'summary.json').exists()      # only the global rank 0 writes
+    close(summary(tmp_path/'node0')['history'], summary(one_process)['history'])
