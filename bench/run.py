@@ -212,7 +212,7 @@ def warmup_lines(warmups):
         if not ws: continue
         secs, comp = median([w['seconds'] for w in ws]), median([w['compile_s'] for w in ws])
         out.append(f"- loop 7, {model}: warm-up epoch {secs:.1f} s, of which compiling {comp:.1f} s "
-                   f"({ws[0]['n_graphs']} graphs, mode {ws[0]['mode']}; median over {len(ws)} processes)")
+                   f"({ws[0]['n_graphs']} graph(s), mode {ws[0]['mode']}; median over {len(ws)} processes)")
     return out
 
 

@@ -251,7 +251,7 @@ class FastStep:
     # -- captured CUDA graphs
     def _cuda_graph_call(self, params, bufs, accs, coeffs, samples, sums, xb, yb, do_step):
         "Replay a CUDA graph of `step_fn` for this batch size (captured after 2 eager warm-up steps); the outputs are copies."
-        flat = [t for ts in (params, bufs or [], accs or [], [coeffs, samples], *sums) for t in ts]
+        flat = [t for ts in (params, bufs or [], accs or [], [coeffs, samples], sums) for t in ts]  # what the graph reads and writes
         key, ids = (len(yb), do_step), [id(t) for t in flat]
         entry = self._graphs.get(key)
         if entry is None or entry['ids'] != ids:
