@@ -87,8 +87,9 @@ class Callback:
     # 'eager': they need Python at that moment (they may change the loss, the gradients or the flow, or read
     #          a value on the host): with such a callback the batches run eagerly.
     # 'after': they only read xb, yb, pred, loss and the param groups: they may run right after the compiled step.
-    # 'graph': pure tensor ops on xb, yb, pred, loss into tensors the callback made before the batch, updated in
-    #          place (no host read, no Python state, no exception): they may be traced into the compiled step.
+    # 'graph': pure tensor ops on xb, yb, pred, loss into tensors the callback made before the fit's first batch and
+    #          keeps (reset in place), with no host read, no Python state and no exception: they may be traced into
+    #          the compiled step.
     fast_path = 'eager'
     run = None  # on the class, so reading `self.run` can never recurse into __getattr__
 
@@ -413,7 +414,7 @@ def _metric_names(metrics):
     return named
 
 class BatchSum:
-    "Marks a metric `func(pred, yb)` that returns a batch *sum* (say, the number correct): `AvgStats` adds it as is."
+    "Marks a metric `func(pred, yb)` that returns a batch sum (say, the number correct): `AvgStats` adds it as is."
     def __init__(self, func # callable m(pred, yb) -> the sum over the batch's samples
                 ):
         if not callable(func): raise TypeError(f"BatchSum needs a callable m(pred, yb), got {func!r}")
