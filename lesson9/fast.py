@@ -99,7 +99,7 @@ class FastStep:
         self.after = {e: [getattr(cb, e) for cb in run.cbs if fast_path_mode(cb) == 'after' and e in in_batch_events(cb)]
                       for e in IN_BATCH}
         self.n_graphs, self.compile_seconds, self.calls = 0, 0., 0
-        self.opt, self.coeffs, self._compiled = None, None, None
+        self.opt, self.coeffs, self._compiled, self.not_compiled = None, None, None, False
         self._graphs = {}  # cuda_graph mode: (batch size, step?) -> graph, its static inputs and outputs
 
     # -- the function that is compiled
@@ -243,8 +243,9 @@ class FastStep:
         n, t = self.n_graphs, time.perf_counter()
         out = self._compiled(*args)
         if self.n_graphs > n: self.compile_seconds += time.perf_counter() - t
-        elif self.n_graphs == 0:  # torch.compile fell back to running the function: no graph
-            raise RuntimeError("torch.compile ran the step without compiling it (its recompile limit reached?)")
+        # no graph at all: torch.compile ran the function as it is (its recompile limit reached?). The batch is done,
+        # correctly; the runner goes eager for the rest of the fit
+        self.not_compiled = self.n_graphs == 0
         self._seen.add(kind)
         return out
 
@@ -307,7 +308,10 @@ class FastRunner(Runner):
         except (torch._dynamo.exc.TorchDynamoException, RuntimeError) as e:
             if self.fast.calls: raise  # it ran before: a real error, not a step that cannot be compiled
             self._go_eager(f"the step could not be compiled ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})")
-            super()._do_batch()
+            return super()._do_batch()  # nothing was changed by the failed try: this batch runs eagerly
+        if self.fast.not_compiled:
+            self._go_eager("torch.compile ran the step without compiling it (its recompile limit reached? "
+                           "torch.compiler.reset() empties its caches)")
 
     def _go_eager(self, reason:str):
         self.fast, self.why_eager = None, reason

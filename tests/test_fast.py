@@ -287,6 +287,17 @@ def test_a_loss_that_cannot_be_compiled_falls_back_to_eager_with_the_same_result
         assert torch.equal(learn.opt.state[p]['momentum_buffer'], ref.opt.state[q]['momentum_buffer'])
 
 
+def test_a_step_that_torch_compile_runs_uncompiled_goes_eager_without_a_double_step():
+    "When torch.compile runs the function as it is (its recompile limit, or a stance), the batch counts once."
+    learn, ref = tiny_learner(momentum=0.9), tiny_learner(momentum=0.9)
+    run = FastRunner([AvgStatsCallback(report=None), Recorder()], mode='compile')
+    with torch.compiler.set_stance('force_eager'), pytest.warns(EagerFallbackWarning, match='without compiling it'):
+        run.fit(2, learn)
+    assert run.fast is None and len(run.recorder.losses) == 14
+    Runner([AvgStatsCallback(report=None)]).fit(2, ref)
+    for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------- CUDA (skipped without it)
 
 @CUDA
