@@ -12,9 +12,11 @@ fastest over fastest, and the median over rounds of the paired ratio. Each step 
   c  b with lesson9's `accuracy` per batch      g  + accuracy: get_runner()'s defaults
   d  03's fit                                   h  + Recorder + ParamScheduler (loop 4)
 
-and one that is not in lesson9 (yet), to size a possible change:
+and two more:
 
-  i  h, with AvgStats adding a metric's batch *sum* (the number correct) instead of weighting its batch mean
+  i  h with accuracy as a batch mean weighted back by the batch size (how AvgStats added it before it knew
+     that accuracy's batch sum is the number correct, `n_correct`)
+  j  h through the fast path: `FastRunner`, each training batch one compiled step (compiled in the warm-up)
 """
 import argparse, statistics, sys, time
 
@@ -32,7 +34,8 @@ def main(argv=None):
     worker.set_threads(1)
     sys.path.insert(0, worker.REPO)
     from lesson9 import anneal
-    from lesson9.callbacks import AvgStats, AvgStatsCallback, DataBunch, Learner, Runner, get_runner
+    from lesson9.callbacks import AvgStatsCallback, DataBunch, Learner, Runner, get_runner
+    from lesson9.fast import FastRunner
     from lesson9.training import accuracy, fit
 
     dev = torch.device(args.device)
@@ -62,24 +65,14 @@ def main(argv=None):
                 loss_sum.item(); correct.item()
         return run
 
-    class SumStats(AvgStats):
-        "AvgStats whose metrics return batch sums (e.g. the number correct), added as they are."
-        def accumulate(self, loss, pred, yb):
-            bn = len(yb)
-            if self.sums is None:
-                self.sums = [torch.zeros((), dtype=torch.float64, device=loss.device)] + \
-                            [torch.zeros((), dtype=torch.int64, device=loss.device) for _ in self.metrics]
-            self.sums[0].add_(loss.detach(), alpha=bn)
-            pred = pred.detach()
-            for s, m in zip(self.sums[1:], self.metrics.values()): s.add_(m(pred, yb))
-            self.count += bn
-    def n_correct(out, yb): return (out.argmax(1) == yb).sum()
-    def sum_stats_runner():
-        stats_cb = AvgStatsCallback(report=None)
-        stats_cb.train_stats, stats_cb.valid_stats = SumStats({'acc': n_correct}, True), SumStats({'acc': n_correct}, False)
-        return Runner([stats_cb, anneal.Recorder(), anneal.ParamScheduler('lr', sched)])
+    def mean_stats_runner():
+        "h, with accuracy wrapped so that AvgStats does not recognise it: a batch mean, weighted back by the batch size."
+        return get_runner([anneal.Recorder(), anneal.ParamScheduler('lr', sched)], metrics={'acc': lambda o, y: accuracy(o, y)},
+                          report=None)
 
     sched = anneal.sched_cos(0.1, 0.01)
+    # one runner for all rounds: its compiled step is kept (the warm-up below compiles it)
+    fast_runner = FastRunner([AvgStatsCallback({'acc': accuracy}, report=None), anneal.Recorder(), anneal.ParamScheduler('lr', sched)])
     variants = {
         'a plain, no stats': plain(None),
         'b + loop 1 stats (loop 1)': plain('loop1'),
@@ -90,10 +83,13 @@ def main(argv=None):
         'g + accuracy: get_runner()': lambda: get_runner(report=None).fit(1, learn),
         'h + Recorder + ParamScheduler (loop 4)': lambda: get_runner([anneal.Recorder(), anneal.ParamScheduler('lr', sched)],
                                                                      report=None).fit(1, learn),
-        'i h, AvgStats adds the number correct': lambda: sum_stats_runner().fit(1, learn),
+        'i h, accuracy as a weighted mean': lambda: mean_stats_runner().fit(1, learn),
+        'j h through the fast path (compiled)': lambda: fast_runner.fit(1, learn),
     }
     times = {k: [] for k in variants}
-    for f in variants.values(): f()  # warm-up
+    t = time.perf_counter()
+    for f in variants.values(): f()  # warm-up (j compiles its step here)
+    print(f"warm-up {time.perf_counter() - t:.1f} s, of which compiling the fast step {fast_runner.fast.compile_seconds:.1f} s")
     for rep in range(args.reps):
         for k, f in variants.items():
             sync(); t = time.process_time(); f(); sync()

@@ -14,13 +14,14 @@ The loops (see bench/README.md):
   4 lesson9 04/05: `Runner` with the default callbacks (`get_runner`) + `Recorder` + one-cycle `ParamScheduler`
   5 PyTorch Lightning (no progress bar, logger, checkpoints or model summary)
   6 fastai (no progress bar, logging or checkpoints)
+  7 lesson9 08: loop 4 with the fast path (`get_fast_runner`): each training batch one compiled step
 
 Every loop does the same work: the same synthetic data, the same initial weights, the same batch order
 (loops 1-5), a training epoch keeping the sample-weighted mean loss and accuracy on the device, then a
 validation pass (loss and accuracy, batch size 2*bs). This file imports only torch at the top, so that it
 also runs in the peers' virtual environment, where lesson9 is not installed.
 """
-import argparse, json, math, os, resource, sys, time, warnings
+import argparse, copy, json, math, os, resource, sys, time, warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +29,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {'lesson': dict(sizes=(784, 50, 10), bs=64, lr=0.5),
           'wide': dict(sizes=(784, 2048, 2048, 10), bs=512, lr=0.1)}
 LOOP_NAMES = {1: 'plain PyTorch, index slicing', 2: 'PyTorch TensorDataset+DataLoader', 3: 'lesson9 03 fit',
-              4: 'lesson9 Runner+Recorder+ParamScheduler', 5: 'PyTorch Lightning', 6: 'fastai'}
+              4: 'lesson9 Runner+Recorder+ParamScheduler', 5: 'PyTorch Lightning', 6: 'fastai',
+              7: 'lesson9 FastRunner (compiled)+Recorder+ParamScheduler'}
 
 
 def set_threads(n):
@@ -196,6 +198,38 @@ def loop4(model, lr, data, bs, seed, schedule='one_cycle'):
     return run
 
 
+_FAST = {}  # loop 7: (sizes, device) -> the model, learner and runner whose compiled step this process keeps
+
+
+def loop7(model, lr, data, bs, seed):
+    """Loop 4 through `get_fast_runner`. A compiled step belongs to one model: the process keeps one model (and
+    runner) per shape and copies each epoch's fresh weights into it, so only the warm-up epoch compiles."""
+    import torch
+    import torch.nn.functional as F
+    train_dl, valid_dl = _lesson9_loaders(data, bs, seed)
+    from lesson9 import anneal
+    from lesson9.callbacks import DataBunch, Learner
+    from lesson9.fast import get_fast_runner
+    key = (tuple(p.shape for p in model.parameters()), str(next(model.parameters()).device))
+    if key not in _FAST:
+        kept = copy.deepcopy(model)
+        runner = get_fast_runner([anneal.Recorder(), *one_cycle_cbs(lr, anneal)], report=None)
+        _FAST[key] = (kept, torch.optim.SGD(kept.parameters(), lr=lr), runner)
+    kept, opt, runner = _FAST[key]
+    with torch.no_grad():
+        for p, q in zip(kept.parameters(), model.parameters()): p.copy_(q)  # this epoch's starting weights, in place
+    learn = Learner(kept, opt, F.cross_entropy, DataBunch(train_dl, valid_dl, c=10))
+    def run():
+        runner.fit(1, learn)
+        if runner.fast is None: raise RuntimeError(f"loop 7 ran eagerly: {runner.why_eager}")
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), kept.parameters()): p.copy_(q)
+        h = runner.avg_stats.history[-1]
+        return {'train_loss': h['train_loss'], 'train_acc': h['train_acc'], 'valid_loss': h['valid_loss'], 'valid_acc': h['valid_acc']}
+    run.runner = runner
+    return run
+
+
 def loop5(model, lr, data, bs, seed):
     import torch
     import torch.nn.functional as F
@@ -256,7 +290,7 @@ def loop6(model, lr, data, bs, seed):
     return run
 
 
-LOOPS = {1: loop1, 2: loop2, 3: loop3, 4: loop4, 5: loop5, 6: loop6}
+LOOPS = {1: loop1, 2: loop2, 3: loop3, 4: loop4, 5: loop5, 6: loop6, 7: loop7}
 
 
 # ------------------------------------------------------------------ memory
@@ -324,9 +358,17 @@ class Bench:
         self.sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            # warm-up on a throw-away model and a tenth of the data: lazy imports, allocator pools, kernels, caches
-            LOOPS[loop](make_model(spec['sizes'], seed, device), spec['lr'], warmup_data(self.data, spec['bs']), spec['bs'], seed)()
-        self.sync()
+            # warm-up on a throw-away model and a tenth of the data: lazy imports, allocator pools, kernels, caches.
+            # Loop 7 warms up on a whole epoch of the real data: it compiles a graph per batch size it sees.
+            t0 = time.perf_counter()
+            run = LOOPS[loop](make_model(spec['sizes'], seed, device), spec['lr'],
+                              self.data if loop == 7 else warmup_data(self.data, spec['bs']), spec['bs'], seed)
+            run()
+            self.sync()
+            self.warmup = dict(seconds=time.perf_counter() - t0)
+            if loop == 7:
+                step = run.runner.fast
+                self.warmup.update(compile_s=step.compile_seconds, n_graphs=step.n_graphs, mode=step.mode)
 
     def epoch(self, profiler=None)->dict:
         "Time a one-epoch fit from the same fresh weights and batch order as every other loop; the result as a dict."
@@ -351,6 +393,7 @@ class Bench:
                    ms_per_epoch=(t1 - t0) * 1e3, cpu_ms_per_epoch=(c1 - c0) * 1e3, us_per_step=(t1 - t0) * 1e6 / steps,
                    peak_mem=mem.peak, mem_at_start=mem.start, mem_kind=mem.kind, stats=stats)
         if self.loop == 4: res['with_anneal'] = getattr(run, 'with_anneal', False)
+        if self.loop == 7: res['n_graphs'] = run.runner.fast.n_graphs  # still those of the warm-up: nothing recompiled
         return res
 
 
@@ -362,7 +405,7 @@ def serve(args, models):
     device = torch.device(args.device)
     benches = {m: Bench(args.loop, m, args.wide_samples if m == 'wide' else args.samples, device, args.seed) for m in models}
     def send(obj): out.write(json.dumps(obj) + '\n'); out.flush()
-    send({'ready': True, 'loop': args.loop})
+    send({'ready': True, 'loop': args.loop, 'warmup': {m: b.warmup for m, b in benches.items()}})
     for line in sys.stdin:
         cmd = line.strip()
         if not cmd or cmd == 'quit': break

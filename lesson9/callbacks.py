@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['EVENTS', 'DataBunch', 'get_model', 'Learner', 'camel2snake', 'listify', 'Callback', 'CancelBatch', 'CancelEpoch',
-           'CancelTrain', 'TrainEvalCallback', 'Runner', 'InvariantsCallback', 'AvgStats', 'format_stats',
-           'print_stats', 'AvgStatsCallback', 'get_runner', 'default_device', 'as_device', 'DeviceCallback',
-           'CudaCallback', 'GradientAccumulation', 'in_notebook', 'progress_shown', 'ProgressCallback']
+           'CancelTrain', 'TrainEvalCallback', 'Runner', 'InvariantsCallback', 'BatchSum', 'n_correct', 'AvgStats',
+           'format_stats', 'print_stats', 'AvgStatsCallback', 'get_runner', 'default_device', 'as_device',
+           'DeviceCallback', 'CudaCallback', 'GradientAccumulation', 'in_notebook', 'progress_shown',
+           'ProgressCallback']
 
 # %% ../nbs/04_callbacks.ipynb #da2dedf5
 import difflib, math, re
@@ -80,8 +81,17 @@ def listify(o)->list:
 
 # %% ../nbs/04_callbacks.ipynb #37ffdbd7
 class Callback:
-    "Base class of callbacks: sorted by `_order`; unknown public attributes are read from the runner."
+    "Base class of callbacks: sorted by `_order`; unknown public attributes are read from the runner; `fast_path` tells a compiled batch body how its in-batch handlers may run."
     _order = 0
+    # How a compiled batch body (lesson9.fast) may run this callback's handlers for the in-batch events
+    # after_pred, after_loss, after_backward and after_step (other events always run as Python):
+    # 'eager': they need Python at that moment (they may change the loss, the gradients or the flow, or read
+    #          a value on the host): with such a callback the batches run eagerly.
+    # 'after': they only read xb, yb, pred, loss and the param groups: they may run right after the compiled step.
+    # 'graph': pure tensor ops on xb, yb, pred, loss into tensors the callback made before the fit's first batch and
+    #          keeps (reset in place), with no host read, no Python state and no exception: they may be traced into
+    #          the compiled step.
+    fast_path = 'eager'
     run = None  # on the class, so reading `self.run` can never recurse into __getattr__
 
     def set_runner(self, run):
@@ -462,16 +472,37 @@ def _metric_names(metrics):
     named = {}
     for m in listify(metrics):
         if not callable(m): raise TypeError(f"metrics must be callables m(pred, yb), got {m!r}")
-        f = getattr(m, 'func', m)  # a functools.partial is named after its function
+        f = getattr(m, 'func', m)  # a functools.partial (or a BatchSum) is named after its function
         named[getattr(f, '__name__', type(f).__name__)] = m
     return named
 
+class BatchSum:
+    "Marks a metric `func(pred, yb)` that returns a batch sum (say, the number correct): `AvgStats` adds it as is."
+    def __init__(self, func # callable m(pred, yb) -> the sum over the batch's samples
+                ):
+        if not callable(func): raise TypeError(f"BatchSum needs a callable m(pred, yb), got {func!r}")
+        self.func = func
+    def __call__(self, pred, yb): return self.func(pred, yb)
+    def __repr__(self): return f"BatchSum({getattr(self.func, '__name__', self.func)!r})"
+
+def n_correct(out:torch.Tensor, # (n, n_classes) scores
+              yb:torch.Tensor # (n,) integer labels
+             )->torch.Tensor:
+    "Number of rows of `out` whose largest score is at the label in `yb`, as a 0-d int64 tensor."
+    return (out.argmax(dim=1) == yb).sum()
+
+# metrics whose batch mean `AvgStats` replaces by a batch sum with the same epoch mean: fewer tensor ops per batch
+_SUM_FORMS = {accuracy: BatchSum(n_correct)}
+
 class AvgStats:
     "Running means of the loss and `metrics` over one phase, weighted by samples per batch and kept on the device."
-    def __init__(self, metrics, # functions m(pred, yb) -> batch mean, as a list or a {name: function} dict
+    def __init__(self, metrics, # functions m(pred, yb) -> batch mean (or `BatchSum(m)`: batch sum), as a list or a {name: function} dict
                  in_train:bool # which phase: names are prefixed 'train_' or 'valid_'
                 ):
         self.metrics, self.in_train = _metric_names(metrics), in_train
+        # what is added per batch: a metric's batch sum as is, a batch mean times the batch size
+        self._adders = [_SUM_FORMS.get(m, m) for m in self.metrics.values()]
+        self._is_sum = [isinstance(m, BatchSum) for m in self._adders]
         self.reset()
 
     def reset(self):
@@ -484,25 +515,37 @@ class AvgStats:
         phase = 'train' if self.in_train else 'valid'
         return [f'{phase}_{k}' for k in ['loss', *self.metrics]]
 
+    def sums_on(self, device # where the batches are computed
+               )->list:
+        "The running sums (loss, then each metric), created as zeros on `device` the first time (float64 where the device has it)."
+        if self.sums is None:
+            dtype = torch.float32 if torch.device(device).type == 'mps' else torch.float64
+            self.sums = [torch.zeros((), dtype=dtype, device=device) for _ in range(1 + len(self.metrics))]
+        return self.sums
+
+    def add_to(self, sums:list, # tensors from `sums_on`, updated in place
+               loss:torch.Tensor, pred:torch.Tensor, yb:torch.Tensor):
+        "Add one batch into `sums`: tensor operations only, no host sync and no Python state (a compiled graph can run it)."
+        bn = len(yb)
+        # detached inputs: no autograd graph, without the cost of entering torch.no_grad() every batch
+        sums[0].add_(loss.detach(), alpha=bn)
+        if self._adders:
+            pred = pred.detach()
+            for s, m, is_sum in zip(sums[1:], self._adders, self._is_sum):
+                if is_sum: s.add_(m(pred, yb))
+                else: s.add_(m(pred, yb), alpha=bn)
+
     def accumulate(self, loss:torch.Tensor, # the batch's mean loss
                    pred:torch.Tensor, # the model's output for the batch
                    yb:torch.Tensor # the batch's targets: len(yb) is the batch's weight
                   ):
         "Add one batch, weighted by its number of samples; no host sync."
-        bn, sums = len(yb), self.sums
-        if sums is None:  # created here, on the loss's device (float64 where the device has it)
-            dtype = torch.float32 if loss.device.type == 'mps' else torch.float64
-            sums = self.sums = [torch.zeros((), dtype=dtype, device=loss.device) for _ in range(1 + len(self.metrics))]
-        # detached inputs: no autograd graph, without the cost of entering torch.no_grad() every batch
-        sums[0].add_(loss.detach(), alpha=bn)
-        if self.metrics:
-            pred = pred.detach()
-            for s, m in zip(sums[1:], self.metrics.values()): s.add_(m(pred, yb), alpha=bn)
-        self.count += bn
+        self.add_to(self.sums_on(loss.device), loss, pred, yb)
+        self.count += len(yb)
 
     @property
     def avg_stats(self)->list:
-        "The weighted means as Python floats (one host sync); NaN when nothing was accumulated."
+        "The means as Python floats (one host sync): each sum divided by the sample count; NaN when nothing was accumulated."
         if not self.count: return [math.nan] * (1 + len(self.metrics))
         return [v / self.count for v in torch.stack(self.sums).tolist()]
 

@@ -1,0 +1,323 @@
+"""The fast path (lesson9.fast): the protocol, the SGD update in tensors, parity with the eager Runner
+(uncompiled, compiled on the CPU, and as CUDA graphs where CUDA exists), fallbacks and their messages."""
+import collections, copy, math, warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lesson9.anneal import ParamScheduler, Recorder, one_cycle, sched_no
+from lesson9.callbacks import (AvgStatsCallback, Callback, CancelTrain, DataBunch, DeviceCallback, GradientAccumulation,
+                               InvariantsCallback, Learner, ProgressCallback, Runner)
+from lesson9.fast import (FAST_PATH_MODES, IN_BATCH, EagerFallbackWarning, FastRunner, fast_path_mode, get_fast_runner,
+                          in_batch_events, sgd_coeffs, sgd_update, why_not_fast)
+from lesson9.training import SGD, DataLoader, Dataset, accuracy, cross_entropy
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA here')
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_fresh_compiler():
+    "One thread (tiny models), and torch.compile's caches emptied: each test compiles what it uses, within torch's recompile limit."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.compiler.reset()
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_learner(n_train=50, bs=8, seed=0, opt_func=SGD, device='cpu', loss_func=F.cross_entropy, **opt_kw):
+    "A 5-7-3 MLP on random data: batches of 8 and a last one of 2; validation in batches of 16."
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n_train + 20, 5, generator=g), torch.randint(0, 3, (n_train + 20,), generator=g)
+    x, y = x.to(device), y.to(device)
+    data = DataBunch(DataLoader(Dataset(x[:n_train], y[:n_train]), bs), DataLoader(Dataset(x[n_train:], y[n_train:]), 2*bs), c=3)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).to(device)
+    return Learner(model, opt_func(model.parameters(), lr=0.1, **opt_kw), loss_func, data)
+
+
+def fit_pair(make_cbs, epochs=3, mode='func', **kw):
+    "The same fit with the eager Runner and with a FastRunner: [(learner, recorder, runner)] x 2."
+    out = []
+    for make_runner in (Runner, lambda cbs: FastRunner(cbs, mode=mode)):
+        learn, rec = tiny_learner(**kw), Recorder()
+        run = make_runner([AvgStatsCallback([accuracy], report=None), rec] + make_cbs())
+        run.fit(epochs, learn)
+        out.append((learn, rec, run))
+    return out
+
+
+def assert_same(pair, eps=1e-5):
+    (l0, r0, run0), (l1, r1, run1) = pair
+    for p, q in zip(l0.model.parameters(), l1.model.parameters()):
+        assert torch.allclose(p.cpu(), q.cpu(), atol=eps, rtol=0), (p - q).abs().max()
+    assert len(r0.losses) == len(r1.losses) > 0
+    assert max(abs(a - b) for a, b in zip(r0.losses, r1.losses)) <= eps
+    assert r0.lrs == r1.lrs
+    for h0, h1 in zip(run0.avg_stats.history, run1.avg_stats.history):
+        assert h0.keys() == h1.keys() and all(abs(h0[k] - h1[k]) <= eps for k in h0), (h0, h1)
+    s0, s1 = l0.opt.state, l1.opt.state  # the momentum buffers the optimizer keeps, the same too
+    for p, q in zip(l0.model.parameters(), l1.model.parameters()):
+        a, b = s0.get(p, {}).get('momentum_buffer'), s1.get(q, {}).get('momentum_buffer')
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a.cpu(), b.cpu(), atol=eps, rtol=0))
+
+
+SCHEDULES = {
+    'constant': (lambda: [ParamScheduler('lr', sched_no(0.1, 0.1))], {}),
+    'one-cycle lr and momentum': (lambda: one_cycle(0.3), dict(momentum=0.9)),
+    'one-cycle, nesterov, weight decay': (lambda: one_cycle(0.3), dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
+    'torch SGD, dampening': (lambda: one_cycle(0.3), dict(opt_func=torch.optim.SGD, momentum=0.9, dampening=0.2)),
+    'gradient accumulation': (lambda: [GradientAccumulation(3)], dict(opt_func=torch.optim.SGD, momentum=0.9)),
+}
+
+
+# ---------------------------------------------------------------- the protocol
+
+class NonFinite(Callback):
+    "A divergence check as a 'graph' callback: a flag on the device, set by tensor ops at after_loss."
+    fast_path = 'graph'
+    def begin_fit(self): self.flag = torch.zeros((), dtype=torch.bool)
+    def begin_epoch(self): self.flag.zero_()
+    def after_loss(self): self.flag.logical_or_(~torch.isfinite(self.run.loss.detach()))
+
+
+class LogEvents(Callback):
+    "An 'after' callback: logs the in-batch events it sees and the loss at after_loss."
+    fast_path = 'after'
+    def __init__(self): self.events, self.losses = [], []
+    def after_pred(self): self.events.append('after_pred')
+    def after_loss(self):
+        self.events.append('after_loss')
+        if self.run.in_train: self.losses.append(self.run.loss.detach())
+    def after_backward(self): self.events.append('after_backward')
+    def after_step(self): self.events.append('after_step')
+
+
+class ReadsLoss(Callback):
+    def after_loss(self): self.run.loss.item()
+
+
+def test_callback_default_is_eager_and_modes_are_the_documented_ones():
+    assert Callback.fast_path == 'eager' and FAST_PATH_MODES == ('eager', 'after', 'graph')
+    assert IN_BATCH == ('after_pred', 'after_loss', 'after_backward', 'after_step')
+
+
+def test_fast_path_mode_of_lesson9_callbacks_and_custom_ones():
+    assert [fast_path_mode(cb) for cb in (ParamScheduler('lr', sched_no(1, 1)), ProgressCallback(print), DeviceCallback('cpu'))] == ['none'] * 3
+    assert [fast_path_mode(cb) for cb in (Recorder(), AvgStatsCallback(), GradientAccumulation(2))] == ['after', 'stats', 'accumulate']
+    assert [fast_path_mode(cb) for cb in (NonFinite(), LogEvents(), ReadsLoss())] == ['graph', 'after', 'eager']
+    assert in_batch_events(LogEvents()) == list(IN_BATCH) and in_batch_events(ReadsLoss()) == ['after_loss']
+
+
+def test_bad_fast_path_value_is_named():
+    class Bad(Callback):
+        fast_path = True
+        def after_pred(self): pass
+    with pytest.raises(ValueError, match=r"Bad.fast_path must be one of \('eager', 'after', 'graph'\), got True"): fast_path_mode(Bad())
+
+
+def test_why_not_fast_names_the_blocker():
+    learn = tiny_learner()
+    assert why_not_fast([Recorder(), AvgStatsCallback(), NonFinite(), GradientAccumulation(2)], learn) is None
+    assert why_not_fast([Recorder(), ReadsLoss()], learn) == "ReadsLoss needs Python at after_loss (its fast_path is 'eager')"
+    assert why_not_fast([InvariantsCallback()], learn).startswith("InvariantsCallback needs Python at after_pred, after_loss, after_backward, after_step")
+    learn.opt = torch.optim.Adam(learn.model.parameters())
+    assert why_not_fast([], learn) == "the optimizer is Adam: the fast path knows SGD's update only (lesson9's or torch's)"
+    learn.opt = torch.optim.SGD(learn.model.parameters(), lr=0.1, maximize=True)
+    assert 'maximize' in why_not_fast([], learn)
+    learn.opt = SGD(list(learn.model.parameters())[:2], lr=0.1)
+    assert why_not_fast([], learn) == "the optimizer's parameters are not exactly the model's trainable parameters"
+    bn = tiny_learner(); bn.model = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3)); bn.opt = SGD(bn.model.parameters(), lr=0.1)
+    assert why_not_fast([], bn) == "the model has buffers (BatchNorm?): the fast path updates parameters only"
+
+
+# ---------------------------------------------------------------- SGD in tensors
+
+@pytest.mark.parametrize('kw', [{}, dict(weight_decay=0.01), dict(momentum=0.9), dict(momentum=0.9, dampening=0.3),
+                                dict(momentum=0.9, nesterov=True, weight_decay=0.1)])
+def test_sgd_update_matches_torch_sgd_with_changing_hyper_parameters(kw):
+    torch.manual_seed(0)
+    ps = [torch.randn(4, 3), torch.randn(3)]
+    ref = [p.clone().requires_grad_() for p in ps]
+    opt = torch.optim.SGD(ref, lr=0.1, **kw)
+    coeffs, bufs = torch.zeros(6), ([torch.zeros_like(p) for p in ps] if kw.get('momentum') else None)
+    for i in range(6):
+        grads = [torch.randn_like(p) for p in ps]
+        for r, g in zip(ref, grads): r.grad = g.clone()
+        opt.param_groups[0]['lr'] = 0.1 * (i + 1)
+        if kw.get('momentum'): opt.param_groups[0]['momentum'] = kw['momentum'] - 0.05 * i
+        coeffs.copy_(torch.tensor(sgd_coeffs(opt.param_groups[0], 'momentum_buffer' in opt.state[ref[0]])))
+        opt.step()
+        sgd_update(ps, grads, bufs, coeffs)
+        for p, r in zip(ps, ref): assert torch.allclose(p, r.detach(), atol=1e-6, rtol=0)
+
+
+def test_sgd_coeffs_first_step_and_no_momentum():
+    g = dict(lr=0.5, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False)
+    assert sgd_coeffs(g, False) == [0.5, 0.01, 0., 1., 0., 1.]      # first step: the buffer is d
+    assert sgd_coeffs(g, True) == [0.5, 0.01, 0.9, 0.9, 0., 1.]     # then momentum and 1 - dampening
+    assert sgd_coeffs(dict(g, nesterov=True, dampening=0), True) == [0.5, 0.01, 0.9, 1., 1., 0.9]
+    assert sgd_coeffs(dict(g, momentum=0), True) == [0.5, 0.01, 1., 0., 1., 0.]  # no momentum: a buffer stays as it is
+
+
+# ---------------------------------------------------------------- parity, uncompiled (fast to test)
+
+@pytest.mark.parametrize('name', SCHEDULES)
+def test_func_mode_matches_the_eager_runner(name):
+    make_cbs, kw = SCHEDULES[name]
+    pair = fit_pair(make_cbs, **kw)
+    assert_same(pair)
+    fast = pair[1][2]
+    assert fast.why_eager is None and fast.fast.calls == 21  # 3 epochs x 7 training batches (the last of 2), all in the step
+
+
+def test_gradient_accumulation_follows_the_callback_windows():
+    ga, chk = GradientAccumulation(3), LogEvents()
+    run = FastRunner([ga, chk], mode='func')
+    run.fit(1, tiny_learner())  # 7 batches: windows of 3, 3, 1
+    assert chk.events.count('after_step') == 3 and chk.events.count('after_pred') == 7 + 2  # + 2 validation batches
+    assert (ga.samples, ga.batches) == (0, 0) and not any(a.abs().sum() for a in run.fast.accs)
+
+
+def test_after_callbacks_see_every_in_batch_event_in_order_and_the_loss():
+    log, rec = LogEvents(), Recorder()
+    FastRunner([log, rec], mode='func').fit(1, tiny_learner())
+    train = ['after_pred', 'after_loss', 'after_backward', 'after_step']
+    assert log.events == 7 * train + 2 * ['after_pred', 'after_loss']
+    assert [v.item() for v in log.losses] == rec.losses  # the step's losses, one tensor per batch
+
+
+def test_graph_callback_flag_without_host_reads():
+    for lr, expected in ((0.1, False), (1e30, True)):
+        nf = NonFinite()
+        run = FastRunner([nf, ParamScheduler('lr', sched_no(lr, lr))], mode='func')
+        run.fit(1, tiny_learner())
+        assert run.why_eager is None and bool(nf.flag) is expected
+
+
+def test_no_host_sync_per_batch(monkeypatch):
+    "Reads of a tensor's value during a fit: the same count for 5 and for 20 batches per epoch."
+    def count(n_batches):
+        calls = collections.Counter()
+        for name in ('item', 'tolist', '__float__', '__bool__', '__int__', 'cpu', 'numpy'):
+            orig = getattr(torch.Tensor, name)
+            def counting(t, *a, _orig=orig, _name=name, **k):
+                calls[_name] += 1
+                return _orig(t, *a, **k)
+            monkeypatch.setattr(torch.Tensor, name, counting)
+        run = get_fast_runner([Recorder(), *one_cycle(0.3)], report=None, mode='func')
+        run.fit(2, tiny_learner(n_train=8 * n_batches, momentum=0.9))
+        monkeypatch.undo()
+        assert run.fast.calls == 2 * n_batches
+        return calls
+    assert count(5) == count(20)
+
+
+def test_eager_fallback_names_the_callback_and_matches_the_runner():
+    learn, ref = tiny_learner(), tiny_learner()
+    run = FastRunner([AvgStatsCallback(report=None), ReadsLoss()], mode='func')
+    with pytest.warns(EagerFallbackWarning, match=r"fast path off for this fit: ReadsLoss needs Python at after_loss \(its fast_path is 'eager'\); the batches run eagerly"):
+        run.fit(2, learn)
+    assert run.fast is None and run.why_eager.startswith('ReadsLoss')
+    Runner([AvgStatsCallback(report=None)]).fit(2, ref)
+    for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.equal(p, q)
+
+
+def test_mode_eager_and_bad_modes():
+    run = FastRunner(mode='eager')
+    run.fit(1, tiny_learner())
+    assert run.fast is None and run.why_eager == "mode='eager'"
+    with pytest.raises(ValueError, match=r"mode must be one of .*got 'fast'"): FastRunner(mode='fast')
+    with pytest.warns(EagerFallbackWarning, match="mode 'cuda_graph' needs the model on a CUDA device, it is on cpu"):
+        FastRunner(mode='cuda_graph').fit(1, tiny_learner())
+
+
+def test_get_fast_runner_is_get_runner_with_the_fast_path():
+    run = get_fast_runner([Recorder()], report=None)
+    assert isinstance(run, FastRunner) and run.mode == 'auto'
+    assert [type(cb).__name__ for cb in run.cbs] == ['TrainEvalCallback', 'AvgStatsCallback', 'Recorder']
+    assert list(run.avg_stats.train_stats.metrics) == ['acc']
+
+
+def test_cancel_train_from_after_batch_still_works():
+    class Stop(Callback):
+        def after_batch(self):
+            if self.run.n_iter == 4: raise CancelTrain()
+    run = FastRunner([Stop(), Recorder()], mode='func')
+    run.fit(3, tiny_learner())
+    assert run.n_iter == 4 and len(run.recorder.losses) == 4 and run.fast.calls == 4
+
+
+# ---------------------------------------------------------------- compiled on the CPU (each test compiles: seconds)
+
+def test_compiled_one_cycle_with_a_partial_batch_matches_and_compiles_two_graphs_once():
+    nf = []
+    def cbs():
+        nf.append(NonFinite())
+        return [*one_cycle(0.3), nf[-1]]
+    pair = fit_pair(cbs, epochs=3, mode='compile', momentum=0.9)
+    assert_same(pair)
+    learn, rec, run = pair[1]
+    step = run.fast
+    assert step.n_graphs == 2 and step.calls == 21 and step.compile_seconds > 0  # batches of 8 and of 2, compiled in epoch 1
+    assert bool(nf[-1].flag) is False
+    run.fit(2, learn)  # a second fit of the same model and callbacks reuses the step: nothing recompiles
+    assert run.fast is step and step.n_graphs == 2 and step.calls == 35
+
+
+def test_compiled_gradient_accumulation_matches():
+    make_cbs, kw = SCHEDULES['gradient accumulation']
+    pair = fit_pair(make_cbs, epochs=2, mode='compile', **kw)
+    assert_same(pair)
+    assert pair[1][2].fast.n_graphs == 3  # accumulate (8), step (8), step (the last batch, 2)
+
+
+def test_a_loss_that_cannot_be_compiled_falls_back_to_eager_with_the_same_result():
+    "lesson9's cross_entropy checks its labels with a data-dependent branch on the CPU: no single graph."
+    learn, ref = tiny_learner(loss_func=cross_entropy, momentum=0.9), tiny_learner(loss_func=cross_entropy, momentum=0.9)
+    run = FastRunner([Recorder()], mode='compile')
+    with pytest.warns(EagerFallbackWarning, match='the step could not be compiled'):
+        run.fit(1, learn)
+    assert run.fast is None
+    Runner([Recorder()]).fit(1, ref)
+    for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.equal(p, q)
+    for p, q in zip(learn.model.parameters(), ref.model.parameters()):  # no stray momentum buffer from the failed try
+        assert torch.equal(learn.opt.state[p]['momentum_buffer'], ref.opt.state[q]['momentum_buffer'])
+
+
+def test_a_step_that_torch_compile_runs_uncompiled_goes_eager_without_a_double_step():
+    "When torch.compile runs the function as it is (its recompile limit, or a stance), the batch counts once."
+    learn, ref = tiny_learner(momentum=0.9), tiny_learner(momentum=0.9)
+    run = FastRunner([AvgStatsCallback(report=None), Recorder()], mode='compile')
+    with torch.compiler.set_stance('force_eager'), pytest.warns(EagerFallbackWarning, match='without compiling it'):
+        run.fit(2, learn)
+    assert run.fast is None and len(run.recorder.losses) == 14
+    Runner([AvgStatsCallback(report=None)]).fit(2, ref)
+    for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- CUDA (skipped without it)
+
+@CUDA
+@pytest.mark.parametrize('name, n_graphs', [('one-cycle lr and momentum', 2), ('gradient accumulation', 3)])
+def test_cuda_graph_matches_the_eager_runner(name, n_graphs):
+    make_cbs, kw = SCHEDULES[name]
+    pair = fit_pair(make_cbs, epochs=4, mode='cuda_graph', device='cuda', **kw)
+    assert_same(pair)
+    step = pair[1][2].fast
+    # one graph per kind of batch (size 8, the last of 2; accumulating or stepping), each captured once, after two
+    # eager warm-up steps of that kind: the last batch's graph in epoch 3, replayed in epoch 4
+    assert step.mode == 'cuda_graph' and step.n_graphs == n_graphs
+    losses = pair[1][1].losses
+    assert len(set(losses)) == len(losses)  # the recorded losses are copies, not the graph's output overwritten
+
+
+@CUDA
+def test_cuda_auto_is_cuda_graph_and_compile_works_too():
+    run = FastRunner([Recorder()])
+    run.fit(1, tiny_learner(device='cuda'))
+    assert run.fast.mode == 'cuda_graph'
+    pair = fit_pair(lambda: one_cycle(0.3), epochs=2, mode='compile', device='cuda', momentum=0.9)
+    assert_same(pair)
