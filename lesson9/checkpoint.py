@@ -98,6 +98,7 @@ class TrainingDiverged(RuntimeError):
 class DivergenceCallback(Callback):
     "Stops training with `TrainingDiverged` once a training loss is not finite; the losses stay on the device and are checked every `every` batches and at each epoch end."
     _order = 50  # before `Checkpoint`, so that a diverged epoch is never saved as one to carry on from
+    fast_path = 'after'  # its after_loss only keeps a reference to the loss: 08's compiled step can run it after the step
     _chunk = 256  # pending losses are stacked into one tensor every this many batches
     def __init__(self, every:int=None # training batches between checks (None: once per epoch)
                 ):

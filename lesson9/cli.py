@@ -55,7 +55,7 @@ def _number(kind, low=None, high=None):
 SCHEDULES = ('one_cycle', 'constant')
 DEFAULT_LR = {'one_cycle': 0.2, 'constant': 0.5}
 # the options that define a run: saved with it, and what `--resume` takes from the saved run
-DEFAULTS = dict(epochs=8, schedule='one_cycle', lr=None, bs=64, nh=50, seed=0, data='embedded')
+DEFAULTS = dict(epochs=8, schedule='one_cycle', lr=None, bs=64, nh=50, seed=0, data='embedded', fast=False)
 SEED_LIMIT = 2**63  # torch generators take seeds below this
 
 EXIT_CODES = {'finished': 0, 'error': 1, 'usage': 2, 'diverged': 3, 'SIGINT': 130, 'SIGTERM': 143}
@@ -92,6 +92,9 @@ def make_parser()->argparse.ArgumentParser:
     p.add_argument('--seed', type=_number(int, 0, SEED_LIMIT), help="seed for init and shuffling, 0 <= seed < 2**63 (default 0)")
     p.add_argument('--data', help="'embedded' (10,000 digits shipped with lesson9), 'mnist' (download 70,000 once) "
                                   "or a path to an .npz with arrays x and y (default embedded)")
+    p.add_argument('--fast', action='store_const', const=True,
+                   help="run each training batch as one compiled step (see 08_fast): faster per batch after a warm-up "
+                        "of 10-40 s on a CPU to compile it, so worth it for long runs")
     p.add_argument('--device', default='auto', help="'cpu', 'cuda', 'cuda:N', 'mps', or 'auto' = cuda when available (default auto)")
     p.add_argument('--out', default='runs/lesson9-train', help="folder for the outputs (default runs/lesson9-train)")
     p.add_argument('--resume', action='store_true', help="carry on with the run saved in --out, with its saved options")
@@ -202,6 +205,7 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
     from lesson9.checkpoint import Checkpoint, DivergenceCallback, RunFolder, TrainingDiverged, load_checkpoint, read_checkpoint
     from lesson9.data import get_data
     from lesson9.distributed import DistributedCallback, DistributedCheckpoint, distributed, world_info
+    from lesson9.fast import get_fast_runner
     from lesson9.training import Dataset, SGD, accuracy, cross_entropy, get_dls, get_mlp
 
     t0 = time.perf_counter()
@@ -246,8 +250,9 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
                 if not quiet: log(_row(h), flush=True)
             scheds = one_cycle(opts['lr']) if opts['schedule'] == 'one_cycle' else []
             multi = [DistributedCallback()] if world.world_size > 1 else []
-            run = get_runner([DeviceCallback(device), *multi, recorder, ProgressCallback(enabled=False if quiet else None),
-                              DivergenceCallback(), ckpt] + scheds, metrics=_metrics(), report=on_epoch)
+            make_runner = get_fast_runner if opts.get('fast') else get_runner
+            run = make_runner([DeviceCallback(device), *multi, recorder, ProgressCallback(enabled=False if quiet else None),
+                               DivergenceCallback(), ckpt] + scheds, metrics=_metrics(), report=on_epoch)
             resume = load_checkpoint(ck_path, learn)[0] if args.resume else None
             signals.checkpoint = ckpt  # from here a signal saves and stops at the next batch
             done = resume['cbs']['avg_stats']['history'] if resume else []

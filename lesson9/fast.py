@@ -294,11 +294,12 @@ class FastRunner(Runner):
         self.mode, self.fast, self.why_eager, self._step = mode, None, None, None
 
     def fit(self, epochs:int, # number of passes over the training data
-            learn # what to train
+            learn, # what to train
+            resume:dict=None # as for `Runner.fit`: a saved `state_dict()` to carry on from
            ):
         "Train `learn` for `epochs` epochs; the fast path is set up at the first training batch (after begin_fit)."
         self.fast, self.why_eager, self._started = None, None, False
-        super().fit(epochs, learn)
+        super().fit(epochs, learn, resume)
 
     def _do_batch(self):
         if not self.in_train: return super()._do_batch()

@@ -45,6 +45,11 @@ def _check_rows(x:Tensor, target:Tensor, what:str):
     if target.shape != (len(x),):
         raise ValueError(f"target must hold one label per row of {what}: expected shape ({len(x)},), got {tuple(target.shape)}")
 
+def _compiling()->bool:
+    "True while `torch.compile` traces the code (always False on a torch without `torch.compiler`)."
+    f = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)
+    return bool(f and f())
+
 def nll(log_probs:Tensor, # (n, n_classes) log probabilities
         target:Tensor # (n,) integer labels in [0, n_classes)
        )->Tensor:
@@ -56,7 +61,9 @@ def nll(log_probs:Tensor, # (n, n_classes) log probabilities
     n_classes = log_probs.shape[1]
     # Checked where the labels live on the CPU: there reading them waits for nothing. On a GPU the
     # check would stall every batch; out-of-range indexing below fails with a device-side assert.
-    if target.device.type == 'cpu':
+    # Inside a compiled graph (08's fast path) a branch on the labels' values cannot be traced: there
+    # the indexing below is the check.
+    if target.device.type == 'cpu' and not _compiling():
         bad = (target < 0) | (target >= n_classes)
         if bad.any(): raise ValueError(f"labels must lie in [0, {n_classes}): got label {target[bad][0].item()} with n_classes={n_classes}")
     return -log_probs[torch.arange(len(target), device=target.device), target].mean()

@@ -218,3 +218,14 @@ def test_help_documents_resume_outputs_and_exit_codes():
     assert r.returncode == 0
     for word in ('--resume', 'summary.json', 'model.pt', 'checkpoint.pt', 'loss.png', 'lr.png', '130', '143', 'diverged'):
         assert word in r.stdout, word
+
+
+def test_fast_path_flag_trains_the_same_run(reference, tmp_path):
+    code, _, err = run_main(*EPOCHS, '--schedule', 'constant', '--fast', '--out', tmp_path)
+    assert code == 0, err
+    s, ref = outputs(tmp_path), outputs(reference['constant'])
+    assert s['config']['fast'] is True and ref['config']['fast'] is False
+    for a, b in zip(s['history'], ref['history']):
+        assert all(abs(a[k] - b[k]) <= 1e-5 for k in a), (a, b)
+    w, wr = weights(tmp_path), weights(reference['constant'])
+    assert all(torch.allclose(w[k], wr[k], atol=1e-5, rtol=0) for k in w)
