@@ -278,6 +278,8 @@ class FastStep:
         return tuple(o.clone() for o in entry['out'])  # the graph overwrites its outputs at the next replay
 
 # %% ../nbs/08_fast.ipynb #cb7fe103
+_RECOMPILE_LIMIT = tuple(getattr(torch._dynamo.exc, k) for k in ('FailOnRecompileLimitHit',) if hasattr(torch._dynamo.exc, k))
+
 class EagerFallbackWarning(UserWarning):
     "The fast path could not run a fit: its batches run eagerly (the message says why)."
 
@@ -306,8 +308,11 @@ class FastRunner(Runner):
         if not self._started: self._start_fast()
         if self.fast is None: return super()._do_batch()
         try: self.fast.train_batch()
-        except (torch._dynamo.exc.TorchDynamoException, RuntimeError) as e:
-            if self.fast.calls: raise  # it ran before: a real error, not a step that cannot be compiled
+        except (torch._dynamo.exc.TorchDynamoException, RuntimeError, *_RECOMPILE_LIMIT) as e:
+            # it ran before: a real error, not a step that cannot be compiled; unless this is a new kind of batch (the
+            # last, smaller one) that torch.compile refuses to compile once its cache for the step is full, which
+            # happens after a few fits of other models in one process
+            if self.fast.calls and not isinstance(e, _RECOMPILE_LIMIT): raise
             self._go_eager(f"the step could not be compiled ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})")
             return super()._do_batch()  # nothing was changed by the failed try: this batch runs eagerly
         if self.fast.not_compiled:
