@@ -274,9 +274,14 @@ def test_compiled_gradient_accumulation_matches():
     assert pair[1][2].fast.n_graphs == 3  # accumulate (8), step (8), step (the last batch, 2)
 
 
+def branchy_loss(out, yb):
+    "A loss that reads its labels' values on the host (a branch on the data): torch.compile can make no single graph of it."
+    if bool((yb < 0).any()): raise ValueError('negative label')
+    return cross_entropy(out, yb)
+
+
 def test_a_loss_that_cannot_be_compiled_falls_back_to_eager_with_the_same_result():
-    "lesson9's cross_entropy checks its labels with a data-dependent branch on the CPU: no single graph."
-    learn, ref = tiny_learner(loss_func=cross_entropy, momentum=0.9), tiny_learner(loss_func=cross_entropy, momentum=0.9)
+    learn, ref = tiny_learner(loss_func=branchy_loss, momentum=0.9), tiny_learner(loss_func=branchy_loss, momentum=0.9)
     run = FastRunner([Recorder()], mode='compile')
     with pytest.warns(EagerFallbackWarning, match='the step could not be compiled'):
         run.fit(1, learn)
@@ -321,3 +326,13 @@ def test_cuda_auto_is_cuda_graph_and_compile_works_too():
     assert run.fast.mode == 'cuda_graph'
     pair = fit_pair(lambda: one_cycle(0.3), epochs=2, mode='compile', device='cuda', momentum=0.9)
     assert_same(pair)
+
+
+def test_lesson9_cross_entropy_compiles_into_the_step():
+    "Its label check reads the labels on the CPU; while torch.compile traces, the indexing does the checking instead."
+    learn, ref = tiny_learner(loss_func=cross_entropy), tiny_learner(loss_func=cross_entropy)
+    run = FastRunner([Recorder()], mode='compile')
+    run.fit(1, learn)
+    assert run.why_eager is None and run.fast is not None and run.fast.n_graphs >= 1
+    Runner([Recorder()]).fit(1, ref)
+    for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.allclose(p, q, atol=1e-5, rtol=0)
