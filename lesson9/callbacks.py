@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['EVENTS', 'DataBunch', 'get_model', 'Learner', 'camel2snake', 'listify', 'Callback', 'CancelBatch', 'CancelEpoch',
-           'CancelTrain', 'TrainEvalCallback', 'Runner', 'InvariantsCallback', 'BatchSum', 'n_correct', 'AvgStats',
-           'format_stats', 'print_stats', 'AvgStatsCallback', 'get_runner', 'default_device', 'as_device',
-           'DeviceCallback', 'CudaCallback', 'GradientAccumulation', 'in_notebook', 'progress_shown',
-           'ProgressCallback']
+           'CancelTrain', 'TrainEvalCallback', 'Runner', 'BatchSum', 'n_correct', 'AvgStats', 'format_stats',
+           'print_stats', 'AvgStatsCallback', 'get_runner', 'default_device', 'as_device', 'DeviceCallback',
+           'CudaCallback', 'GradientAccumulation', 'in_notebook', 'progress_shown', 'ProgressCallback',
+           'InvariantsCallback']
 
 # %% ../nbs/04_callbacks.ipynb #da2dedf5
 import difflib, math, re
@@ -397,74 +397,6 @@ def _check_resume(r, epochs):
     if r['epochs'] != epochs: raise ValueError(f"the saved run is a fit of {r['epochs']} epochs, not {epochs}: resume it with epochs={r['epochs']}")
     if not 0 <= r['epoch'] <= epochs: raise ValueError(f"the saved position, epoch {r['epoch']}, is outside 0..{epochs}")
 
-# %% ../nbs/04_callbacks.ipynb #21747dd1
-_BATCH_BODY = ('begin_batch', 'after_pred', 'after_loss', 'after_backward', 'after_step')
-_IN_EPOCH = _BATCH_BODY + ('begin_epoch', 'after_batch', 'begin_validate', 'after_cancel_batch')
-_FOLLOWS = {  # event -> the events that may come right before it
-    'begin_fit': (None,), 'begin_epoch': ('begin_fit', 'after_epoch'),
-    'begin_batch': ('begin_epoch', 'after_batch', 'begin_validate'),
-    'after_pred': ('begin_batch',), 'after_loss': ('after_pred',),
-    'after_backward': ('after_loss',), 'after_step': ('after_backward',),
-    'after_cancel_batch': _BATCH_BODY, 'after_batch': ('after_loss', 'after_step', 'after_cancel_batch'),
-    'begin_validate': ('begin_epoch', 'after_batch'),
-    'after_cancel_epoch': _IN_EPOCH, 'after_epoch': ('begin_epoch', 'after_batch', 'begin_validate', 'after_cancel_epoch'),
-    'after_cancel_train': ('begin_fit', 'after_epoch', 'after_cancel_epoch') + _IN_EPOCH,
-    'after_fit': ('begin_fit', 'after_epoch', 'after_cancel_train')}
-
-def _ensure(ok, msg):
-    if not ok: raise AssertionError(msg)
-
-class InvariantsCallback(Callback):
-    "Asserts the loop's invariants at every event and records the events in `events`; raises `CancelTrain` after `stop_after` training batches."
-    _order = 1000  # after every other callback, to check what they left
-    def __init__(self, stop_after:int=None # stop training after this many training batches (None: never)
-                ):
-        self.stop_after, self.events = stop_after, []
-
-    def _check(self, event):
-        if event == 'begin_fit': self.events = []  # each fit is checked on its own
-        run, prev = self.run, (self.events[-1] if self.events else None)
-        self.events.append(event)
-        if event == 'after_fit' and run.error is not None: return  # an error cut the loop short anywhere: nothing to check
-        _ensure(prev in _FOLLOWS[event], f"{event} came after {prev}")
-        if event == 'begin_fit': self.n_train, self.total, self.cancelled = 0, run.epochs*len(run.data.train_dl), False
-        if event.startswith('after_cancel'): self.cancelled = True
-        if event in _BATCH_BODY:
-            _ensure(run.model.training == run.in_train, f"{event}: model.training={run.model.training} but in_train={run.in_train}")
-            _ensure(torch.is_grad_enabled() == run.in_train, f"{event}: grad enabled={torch.is_grad_enabled()} with in_train={run.in_train}")
-            _ensure(0 <= run.iter < run.iters == len(run.dl), f"{event}: iter {run.iter} of {run.iters}")
-        if event in ('after_backward', 'after_step'): _ensure(run.in_train, f"{event} in validation")
-        if event == 'after_batch' and prev == 'after_loss': _ensure(not run.in_train, "a training batch ended without a step")
-        if event == 'after_pred': _ensure(len(run.pred) == len(run.xb) == len(run.yb), "pred, xb and yb differ in length")
-        if event == 'begin_epoch': _ensure(run.in_train and run.n_epochs == run.epoch, f"begin_epoch: n_epochs {run.n_epochs}")
-        if event == 'begin_batch' and run.in_train:
-            k = run.epoch*run.iters + run.iter
-            _ensure(run.n_iter == self.n_train, f"n_iter {run.n_iter}, expected {self.n_train}")
-            _ensure(run.n_epochs == run.epoch + run.iter/run.iters, f"n_epochs {run.n_epochs} at batch {run.iter}")
-            _ensure(run.pos == (k/(self.total-1) if self.total > 1 else 0.), f"pos {run.pos} at training batch {k} of {self.total}")
-        if event == 'after_batch' and run.in_train:
-            self.n_train += 1
-            _ensure(run.n_iter == self.n_train and 0. <= run.pos <= 1., f"after_batch: n_iter {run.n_iter}, pos {run.pos}")
-            if self.stop_after is not None and self.n_train >= self.stop_after: raise CancelTrain()
-        if event == 'after_fit' and not self.cancelled:
-            _ensure(run.n_iter == self.total and run.n_epochs == run.epochs, f"after_fit: n_iter {run.n_iter}, n_epochs {run.n_epochs}")
-            _ensure(self.total == 0 or run.pos == 1., f"after_fit: pos {run.pos}, expected 1.0")
-
-    def begin_fit(self): self._check('begin_fit')
-    def begin_epoch(self): self._check('begin_epoch')
-    def begin_batch(self): self._check('begin_batch')
-    def after_pred(self): self._check('after_pred')
-    def after_loss(self): self._check('after_loss')
-    def after_backward(self): self._check('after_backward')
-    def after_step(self): self._check('after_step')
-    def after_batch(self): self._check('after_batch')
-    def begin_validate(self): self._check('begin_validate')
-    def after_epoch(self): self._check('after_epoch')
-    def after_fit(self): self._check('after_fit')
-    def after_cancel_batch(self): self._check('after_cancel_batch')
-    def after_cancel_epoch(self): self._check('after_cancel_epoch')
-    def after_cancel_train(self): self._check('after_cancel_train')
-
 # %% ../nbs/04_callbacks.ipynb #bffb4e7d
 def _metric_names(metrics):
     "`metrics` as a {name: function} dict; a list is named by each function's `__name__`."
@@ -767,3 +699,71 @@ class ProgressCallback(Callback):
     def begin_validate(self): self._close()
     def after_epoch(self): self._close()
     def after_fit(self): self._close()
+
+# %% ../nbs/04_callbacks.ipynb #21747dd1
+_BATCH_BODY = ('begin_batch', 'after_pred', 'after_loss', 'after_backward', 'after_step')
+_IN_EPOCH = _BATCH_BODY + ('begin_epoch', 'after_batch', 'begin_validate', 'after_cancel_batch')
+_FOLLOWS = {  # event -> the events that may come right before it
+    'begin_fit': (None,), 'begin_epoch': ('begin_fit', 'after_epoch'),
+    'begin_batch': ('begin_epoch', 'after_batch', 'begin_validate'),
+    'after_pred': ('begin_batch',), 'after_loss': ('after_pred',),
+    'after_backward': ('after_loss',), 'after_step': ('after_backward',),
+    'after_cancel_batch': _BATCH_BODY, 'after_batch': ('after_loss', 'after_step', 'after_cancel_batch'),
+    'begin_validate': ('begin_epoch', 'after_batch'),
+    'after_cancel_epoch': _IN_EPOCH, 'after_epoch': ('begin_epoch', 'after_batch', 'begin_validate', 'after_cancel_epoch'),
+    'after_cancel_train': ('begin_fit', 'after_epoch', 'after_cancel_epoch') + _IN_EPOCH,
+    'after_fit': ('begin_fit', 'after_epoch', 'after_cancel_train')}
+
+def _ensure(ok, msg):
+    if not ok: raise AssertionError(msg)
+
+class InvariantsCallback(Callback):
+    "Asserts the loop's invariants at every event and records the events in `events`; raises `CancelTrain` after `stop_after` training batches."
+    _order = 1000  # after every other callback, to check what they left
+    def __init__(self, stop_after:int=None # stop training after this many training batches (None: never)
+                ):
+        self.stop_after, self.events = stop_after, []
+
+    def _check(self, event):
+        if event == 'begin_fit': self.events = []  # each fit is checked on its own
+        run, prev = self.run, (self.events[-1] if self.events else None)
+        self.events.append(event)
+        if event == 'after_fit' and run.error is not None: return  # an error cut the loop short anywhere: nothing to check
+        _ensure(prev in _FOLLOWS[event], f"{event} came after {prev}")
+        if event == 'begin_fit': self.n_train, self.total, self.cancelled = 0, run.epochs*len(run.data.train_dl), False
+        if event.startswith('after_cancel'): self.cancelled = True
+        if event in _BATCH_BODY:
+            _ensure(run.model.training == run.in_train, f"{event}: model.training={run.model.training} but in_train={run.in_train}")
+            _ensure(torch.is_grad_enabled() == run.in_train, f"{event}: grad enabled={torch.is_grad_enabled()} with in_train={run.in_train}")
+            _ensure(0 <= run.iter < run.iters == len(run.dl), f"{event}: iter {run.iter} of {run.iters}")
+        if event in ('after_backward', 'after_step'): _ensure(run.in_train, f"{event} in validation")
+        if event == 'after_batch' and prev == 'after_loss': _ensure(not run.in_train, "a training batch ended without a step")
+        if event == 'after_pred': _ensure(len(run.pred) == len(run.xb) == len(run.yb), "pred, xb and yb differ in length")
+        if event == 'begin_epoch': _ensure(run.in_train and run.n_epochs == run.epoch, f"begin_epoch: n_epochs {run.n_epochs}")
+        if event == 'begin_batch' and run.in_train:
+            k = run.epoch*run.iters + run.iter
+            _ensure(run.n_iter == self.n_train, f"n_iter {run.n_iter}, expected {self.n_train}")
+            _ensure(run.n_epochs == run.epoch + run.iter/run.iters, f"n_epochs {run.n_epochs} at batch {run.iter}")
+            _ensure(run.pos == (k/(self.total-1) if self.total > 1 else 0.), f"pos {run.pos} at training batch {k} of {self.total}")
+        if event == 'after_batch' and run.in_train:
+            self.n_train += 1
+            _ensure(run.n_iter == self.n_train and 0. <= run.pos <= 1., f"after_batch: n_iter {run.n_iter}, pos {run.pos}")
+            if self.stop_after is not None and self.n_train >= self.stop_after: raise CancelTrain()
+        if event == 'after_fit' and not self.cancelled:
+            _ensure(run.n_iter == self.total and run.n_epochs == run.epochs, f"after_fit: n_iter {run.n_iter}, n_epochs {run.n_epochs}")
+            _ensure(self.total == 0 or run.pos == 1., f"after_fit: pos {run.pos}, expected 1.0")
+
+    def begin_fit(self): self._check('begin_fit')
+    def begin_epoch(self): self._check('begin_epoch')
+    def begin_batch(self): self._check('begin_batch')
+    def after_pred(self): self._check('after_pred')
+    def after_loss(self): self._check('after_loss')
+    def after_backward(self): self._check('after_backward')
+    def after_step(self): self._check('after_step')
+    def after_batch(self): self._check('after_batch')
+    def begin_validate(self): self._check('begin_validate')
+    def after_epoch(self): self._check('after_epoch')
+    def after_fit(self): self._check('after_fit')
+    def after_cancel_batch(self): self._check('after_cancel_batch')
+    def after_cancel_epoch(self): self._check('after_cancel_epoch')
+    def after_cancel_train(self): self._check('after_cancel_train')
