@@ -428,8 +428,9 @@ def _rng_state()->dict:
     return {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
 
 def _set_rng_state(s:dict):
+    "Set what `_rng_state` returned; the CUDA part only where there are as many CUDA devices (a checkpoint may come from another machine)."
     torch.set_rng_state(s['cpu'])
-    if s['cuda']: torch.cuda.set_rng_state_all(s['cuda'])
+    if s['cuda'] and torch.cuda.is_available() and len(s['cuda']) == torch.cuda.device_count(): torch.cuda.set_rng_state_all(s['cuda'])
 
 def _snapshot(model, opt, loaders=())->dict:
     "Copies of everything training changes: `model` (buffers that `state_dict` leaves out too), `opt`, the random state and `loaders`."

@@ -13,15 +13,12 @@ from pathlib import Path
 
 import torch
 
+from .anneal import _rng_state, _set_rng_state  # torch's random state, as lr_find saves it
 from .callbacks import Callback, CancelTrain
 from .data import atomic_write
 
 # %% ../nbs/06_checkpoint.ipynb #aff65612
 CHECKPOINT_FORMAT = 1  # bumped when the layout of a checkpoint changes
-
-def _rng_state()->dict:
-    "torch's global random state: the CPU generator's, and each CUDA device's once CUDA is in use."
-    return {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
 
 def _loader_states(data)->dict:
     "The state of each loader of `data` that has one (lesson9's `DataLoader` does; torch's has none)."
@@ -85,10 +82,7 @@ def load_checkpoint(path, # a file written by `save_checkpoint`
         for k, sd in state['loaders'].items(): getattr(learn.data, k).load_state_dict(sd)
     except (ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"{path} does not fit this learner: {str(e).splitlines()[0]}") from None
-    rng = state['rng']
-    torch.set_rng_state(rng['cpu'])
-    if rng['cuda'] and torch.cuda.is_available() and len(rng['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng['cuda'])
+    _set_rng_state(state['rng'])
     return state['runner'], state['extra']
 
 # %% ../nbs/06_checkpoint.ipynb #99f7de84
