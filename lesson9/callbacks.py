@@ -151,10 +151,13 @@ def _check_event_names(cb):
         raise ValueError(f"{type(cb).__name__}.{k} looks like an event handler, but {k!r} is not an event{hint} "
                          f"Events are: {', '.join(EVENTS)}")
 
+def _own(cb, name):
+    "`cb`'s own attribute `name` (from its instance or class), never the runner's through `__getattr__`."
+    return cb.__dict__.get(name, getattr(type(cb), name, None))
+
 def _handler(cb, event):
     "`cb`'s bound method for `event`, or None; never asks the runner (no fall-through)."
-    f = cb.__dict__.get(event, getattr(type(cb), event, None))
-    return getattr(cb, event) if callable(f) else None
+    return getattr(cb, event) if callable(_own(cb, event)) else None
 
 # %% ../nbs/04_callbacks.ipynb #1c9896d4
 class TrainEvalCallback(Callback):
@@ -377,10 +380,6 @@ class Runner:
             self.learn = self.dl = self.xb = self.yb = self.pred = self.loss = self.loss_grad = self._resume = None
             self.in_train = False
 
-def _own(cb, name):
-    "`cb`'s own attribute `name` (from its instance or class), never the runner's through `__getattr__`."
-    return cb.__dict__.get(name, getattr(type(cb), name, None))
-
 def _batches_from(dl, start):
     "`iter(dl)`, or the rest of its latest epoch from batch `start` for a loader that can continue one."
     if start == 0: return iter(dl)
@@ -471,7 +470,8 @@ class AvgStats:
                    pred:torch.Tensor, # the model's output for the batch
                    yb:torch.Tensor # the batch's targets: len(yb) is the batch's weight
                   ):
-        "Add one batch, weighted by its number of samples; no host sync."
+        "Add one batch, weighted by its number of samples; no host sync. A batch of no samples adds nothing (its mean is NaN)."
+        if len(yb) == 0: return
         self.add_to(self.sums_on(loss.device), loss, pred, yb)
         self.count += len(yb)
 

@@ -254,10 +254,6 @@ def _check_same_data(data:DataBunch, world:World):
         raise ValueError("the training loader shuffles with torch's global generator (seed=None), which each rank advances "
                          "differently: pass seed=<int>, the same on every rank")
 
-class _NoStats:
-    "Stands in for an `AvgStats` during a batch of no samples: accumulates nothing."
-    def accumulate(self, loss, pred, yb): pass
-
 class DistributedCallback(Callback):
     "Trains on every rank of a torchrun job as one process would: parts of the same global batches, DDP, weighted losses, stats summed across ranks."
     _order = AvgStatsCallback._order - 0.5  # after DeviceCallback (-1), before AvgStatsCallback (0): see above
@@ -265,7 +261,7 @@ class DistributedCallback(Callback):
                  timeout:float=600. # as for `setup_distributed`
                 ):
         self.backend, self.timeout = backend, timeout
-        self.world, self.active, self._saved, self._aside = World(), False, None, []
+        self.world, self.active, self._saved = World(), False, None
 
     def begin_fit(self):
         run = self.run
@@ -289,23 +285,9 @@ class DistributedCallback(Callback):
     def after_loss(self):
         if not self.active: return
         run, n = self.run, len(self.run.yb)
-        if n == 0: self._set_aside_stats()
-        if not run.in_train: return
+        if not run.in_train: return  # (a part of no samples adds nothing to the stats: `AvgStats` skips it)
         # an empty part has weight 0: a zero gradient (not NaN), and still a backward pass, which DDP waits for
         run.loss_grad = run.loss_grad * shard_loss_weight(n, run.dl.global_size(run.iter), self.world.world_size)
-
-    def _set_aside_stats(self):
-        "Keep the mean over no samples (NaN) out of the running sums for this batch."
-        for cb in self._stats_cbs:
-            self._aside.append((cb, cb.train_stats, cb.valid_stats))
-            cb.train_stats = cb.valid_stats = _NoStats()
-
-    def _restore_stats(self):
-        for cb, train, valid in self._aside: cb.train_stats, cb.valid_stats = train, valid
-        self._aside = []
-
-    def after_batch(self):
-        if self._aside: self._restore_stats()
 
     def after_epoch(self):
         if not self.active: return
@@ -317,7 +299,6 @@ class DistributedCallback(Callback):
 
     def after_fit(self):
         if not self.active: return
-        self._restore_stats()
         learn = self.run.learn
         learn.model, learn.data, reports = self._saved
         for cb, report in reports: cb.report = report

@@ -716,3 +716,16 @@ def test_lesson_run_on_embedded_mnist():
         return run.avg_stats.history
     h1, h2 = one(), one()
     assert h1 == h2 and h1[-1]['valid_acc'] >= 0.90
+
+
+def test_avg_stats_skips_a_batch_of_no_samples():
+    "A rank's empty part of a batch (07) has a mean of NaN over no samples: it must add nothing."
+    from lesson9.callbacks import AvgStats
+    from lesson9.training import accuracy
+    st = AvgStats([accuracy], False)
+    pred, yb = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    st.accumulate(torch.nn.functional.cross_entropy(pred, yb), pred, yb)
+    before = st.as_dict()
+    empty = pred[:0]
+    st.accumulate(torch.nn.functional.cross_entropy(empty, yb[:0]), empty, yb[:0])   # nan loss
+    assert st.as_dict() == before and st.count == 4
