@@ -139,7 +139,7 @@ class Interrupted(Exception):
 class _Signals:
     """SIGINT and SIGTERM as a clean stop: before training they end the job at once; during training the
     first asks the checkpoint to save and stop at the next batch; while outputs are published they wait."""
-    def __init__(self): self.name, self.checkpoint, self.publishing, self._old = None, None, False, {}
+    def __init__(self): self.name, self.checkpoint, self.publishing, self.patient, self._old = None, None, False, False, {}
 
     def __enter__(self):
         try: self._old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -153,7 +153,9 @@ class _Signals:
         first = self.name is None
         if first: self.name = signal.Signals(signum).name
         if self.publishing: return
-        if first and self.checkpoint is not None: self.checkpoint.request_stop(self.name)
+        # under torchrun a second signal must not end one process in the middle of a collective: torchrun itself
+        # sends its workers SIGTERM more than once, and kills them if they take too long
+        if self.checkpoint is not None and (first or self.patient): self.checkpoint.request_stop(self.name)
         else: raise Interrupted(self.name, self.checkpoint is not None)
 
 def _where(stopped_at:dict, n_train:int, n_valid:int)->str:
@@ -254,7 +256,7 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
             run = make_runner([DeviceCallback(device), *multi, recorder, ProgressCallback(enabled=False if quiet else None),
                                DivergenceCallback(), ckpt] + scheds, metrics=_metrics(), report=on_epoch)
             resume = load_checkpoint(ck_path, learn)[0] if args.resume else None
-            signals.checkpoint = ckpt  # from here a signal saves and stops at the next batch
+            signals.checkpoint, signals.patient = ckpt, world.world_size > 1  # from here a signal saves and stops
             done = resume['cbs']['avg_stats']['history'] if resume else []
             if not quiet:
                 log(_HEADER, flush=True)
