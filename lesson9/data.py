@@ -8,7 +8,7 @@ __all__ = ['EMBEDDED_SHA256', 'EMBEDDED_PATH', 'MNIST_FILES', 'MNIST_MIRRORS', '
            'load_mnist', 'get_data', 'load_npz']
 
 # %% ../nbs/01_data.ipynb #2428c727
-import contextlib, gzip, hashlib, http.client, importlib, math, numbers, os, re, secrets, socket, threading
+import contextlib, gzip, hashlib, http.client, importlib, math, numbers, os, re, secrets, socket, threading, zipfile
 import urllib.error, urllib.parse, urllib.request
 from pathlib import Path
 
@@ -302,11 +302,19 @@ def load_npz(path:Path, # an .npz holding `x` (n, 784) or (n, 28, 28) and `y` (n
             ):
     "`(x_train, y_train, x_valid, y_valid)` from an .npz file of images `x` and labels `y`."
     path = Path(path)
+    # np.load takes any file that is neither a zip nor an .npy for a pickle, and its advice is to unpickle it
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise DataError(f"{path} is not an .npz file (a zip of arrays, as numpy.savez writes): save x and y with numpy.savez")
     try:
         with np.load(path) as f:
             if not {'x', 'y'} <= set(f.files): raise DataError(f"{path} must hold arrays 'x' and 'y', found {sorted(f.files)}")
             x, y = f['x'], f['y']
+            for k, a in (('x', x), ('y', y)):  # a member that is no .npy comes back as bytes
+                if not isinstance(a, np.ndarray): raise DataError(f"{path}: {k} is not a numpy array (numpy.savez writes each as a .npy member)")
     except DataError: raise
+    except ValueError as e:
+        if 'allow_pickle' not in str(e): raise DataError(f"cannot read {path} as .npz: {e}") from None
+        raise DataError(f"{path} holds Python objects, not numbers: save x and y as numeric arrays") from None
     except Exception as e: raise DataError(f"cannot read {path} as .npz: {e}") from None
     if len(x) != len(y): raise DataError(f"{path}: x has {len(x)} rows but y has {len(y)}")
     if len(x) < 2: raise DataError(f"{path}: need at least 2 samples to split, got {len(x)}")
