@@ -2,7 +2,7 @@
 # One entry point for a fresh machine: makes .venv (once), installs lesson9 with its
 # dev tools into it, then runs what you ask for.
 #   bash tools/dev.sh train [lesson9-train options]   # the main job on the embedded MNIST
-#   bash tools/dev.sh test                            # every notebook (nbdev_test) + pytest
+#   bash tools/dev.sh test                            # every test: pytest, which runs every notebook twice
 #   bash tools/dev.sh lab [jupyter lab options]       # the notebooks in JupyterLab, on this venv's kernel
 #   bash tools/dev.sh docs                            # the docs site into docs/_build/html, and README.md
 #   bash tools/dev.sh bench [--quick|--device cuda]   # the speed benchmark (bench/README.md)
@@ -38,12 +38,16 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ settings.ini -nt "$stamp"
     else
       say "  a few hundred MB to a few GB depending on the build; a few minutes."
     fi
+    # numpy with it: torch imported without numpy warns "Failed to initialize NumPy"
     # shellcheck disable=SC2086 # LESSON9_TORCH may carry pip options, e.g. an --index-url
-    "$py" -m pip install --disable-pip-version-check $torch_spec
+    "$py" -m pip install --disable-pip-version-check $torch_spec numpy
     "$py" -c "import torch; print('dev.sh: installed torch', torch.__version__, f'(CUDA {torch.version.cuda} build)' if torch.version.cuda else '(CPU-only build)')" >&2
   fi
-  say "installing lesson9 (editable) with its dev tools (nbdev, pytest, Sphinx, JupyterLab ...): about a minute ..."
-  "$py" -m pip install -q --disable-pip-version-check -e ".[dev]"
+  say "installing lesson9 (editable) with its dev tools (nbdev, pytest, Sphinx, JupyterLab ...): about 150 packages, 1-4 minutes ..."
+  # pip's own lines are many; one line per 25 packages shows it is moving (pip's errors still reach stderr)
+  "$py" -m pip install --disable-pip-version-check --progress-bar off -e ".[dev]" |
+    awk '/^(Collecting|Processing|Requirement already satisfied|Obtaining)/ { if (++n % 25 == 0) printf "dev.sh:   %d packages found ...\n", n > "/dev/stderr"; fflush() }
+         /^Successfully installed/ { printf "dev.sh:   installed %d new packages\n", NF - 2 > "/dev/stderr" }'
   touch "$stamp"
   say "set-up done in $((SECONDS - t0)) s; later runs skip it."
 fi
@@ -57,9 +61,10 @@ cmd=${1:-}
 case "$cmd" in
   train) exec lesson9-train "$@" ;;
   test)
-    # two notebooks at a time on two cores: one torch thread each, or they oversubscribe the cores
-    OMP_NUM_THREADS=1 nbdev_test --n_workers 2
-    python -m pytest -q -rs tests ;;   # -rs: say why a test was skipped (e.g. no Chromium)
+    # One pytest run reports every part, so a failure in one never hides the others. It includes
+    # tests/test_notebooks.py: every notebook in a Jupyter kernel with default threads, and again under
+    # nbdev_test with ATen's portable kernels and 3 threads (another machine's rounding).
+    exec python -m pytest -q -rs tests ;;   # -rs: say why a test was skipped (e.g. no Chromium)
   lab)
     # Jupyter's own kernel backend draws pyplot figures in the notebook; Agg would hide them
     [ -z "$mplbackend_given" ] && unset MPLBACKEND
