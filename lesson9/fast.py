@@ -225,9 +225,16 @@ class FastStep:
 
     # -- compiled (CPU, or CUDA without graphs)
     def _backend(self, gm, example_inputs):
-        "torch.compile's backend: inductor, counting the graphs it compiles."
+        "torch.compile's backend: inductor, counting the graphs it compiles, with the CPU vector width in its cache key."
         self.n_graphs += 1
-        return torch._dynamo.lookup_backend('inductor')(gm, example_inputs)
+        # inductor keeps compiled graphs in a cache on disk whose key (torch 2.13) leaves out the CPU vector
+        # instructions the C++ was generated for, which ATEN_CPU_CAPABILITY chooses: a graph made for AVX-512 and
+        # found in the cache under ATEN_CPU_CAPABILITY=avx2 is rebuilt for AVX2 and computes NaN (under 'default' it
+        # fails to build). Stating the width inductor picks anyway (0: no vector instructions) puts it in the key.
+        from torch._inductor import config
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+        with config.patch({'cpp.simdlen': pick_vec_isa().bit_width()}):
+            return torch._dynamo.lookup_backend('inductor')(gm, example_inputs)
 
     def _compiled_call(self, params, bufs, accs, coeffs, samples, sums, xb, yb, do_step):
         args = (params, bufs, accs, coeffs, samples, sums, xb, yb, do_step)
