@@ -94,7 +94,7 @@ def make_parser()->argparse.ArgumentParser:
                                   "or a path to an .npz with arrays x and y (default embedded)")
     p.add_argument('--fast', action='store_const', const=True,
                    help="run each training batch as one compiled step (see 08_fast): faster per batch after a warm-up "
-                        "of 10-40 s on a CPU to compile it, so worth it for long runs")
+                        "to compile it (tens of seconds on a CPU, less once torch has cached it), so worth it for long runs")
     p.add_argument('--device', default='auto', help="'cpu', 'cuda', 'cuda:N', 'mps', or 'auto' = cuda when available (default auto)")
     p.add_argument('--out', default='runs/lesson9-train', help="folder for the outputs (default runs/lesson9-train)")
     p.add_argument('--resume', action='store_true', help="carry on with the run saved in --out, with its saved options")
@@ -164,6 +164,12 @@ def _where(stopped_at:dict, n_train:int, n_valid:int)->str:
     if train and i == 0: return f"after epoch {e}"
     return f"in epoch {e + 1}, after {'training' if train else 'validation'} batch {i} of {n_train if train else n_valid}"
 
+def _first_missing(path)->Path:
+    "The outermost folder of `path` that does not exist yet (what creating `path` with its parents makes), or None."
+    path, missing = Path(path).absolute(), None
+    while not path.exists() and path != path.parent: path, missing = path.parent, path
+    return missing
+
 def _open_folder(out):
     "The locked `RunFolder` for `out`, or `UsageError` saying why it cannot be written."
     from lesson9.checkpoint import RunFolder, RunFolderBusy
@@ -219,7 +225,7 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
         given = [f'--{k}' for k in DEFAULTS if getattr(args, k) is not None]
         if given: raise UsageError(f"--resume carries on with the saved options; leave out {', '.join(given)}")
     else: check_data(run_options(args)['data'])
-    made = not Path(args.out).exists()
+    made = _first_missing(args.out)  # the folder this run creates (with any missing parents), removed if it never starts
     folder = _open_folder(args.out) if main_rank else RunFolder(args.out)  # rank 0 alone locks and writes
     try:
         with _Signals() as signals, distributed('gloo' if device.type == 'cpu' else 'nccl') as world:
@@ -238,7 +244,7 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
                     raise UsageError(f"--resume: the data {opts['data']!r} is not what the saved run trained on")
             except BaseException:
                 folder.close()
-                if made and main_rank: shutil.rmtree(args.out, ignore_errors=True)
+                if made is not None and main_rank: shutil.rmtree(made, ignore_errors=True)
                 raise
             x_train, y_train, x_valid, y_valid = (t.to(device) for t in tensors)  # moved once: no copy per batch
             torch.manual_seed(opts['seed'])

@@ -202,6 +202,7 @@ def test_outputs_keep_the_umask(tmp_path):
     (['--lr', 'nan'], "argument --lr: must be a finite number, got 'nan'"),
     (['--device', 'meta'], "'meta' is not a device that can train"),
     (['--data', 'Embedded'], "did you mean 'embedded'?"),
+    (['--data', 'afile'], 'afile is not an .npz file (a zip of arrays, as numpy.savez writes)'),
     (['--out', 'afile'], 'afile is a file, not a folder'),
     (['--resume', '--epochs', '3'], 'leave out --epochs'),
 ])
