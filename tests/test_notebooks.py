@@ -1,29 +1,38 @@
-"""Every notebook in nbs/ runs in a fresh Jupyter kernel as a learner runs it, and shows its figures.
+"""Every notebook in nbs/ passes as a learner runs it, and on numerics other than this machine's.
 
-nbdev_test runs the notebooks in an IPython shell inside its own process; a learner runs them in
-JupyterLab, on a kernel. So here each notebook is executed fresh by nbclient on the `python3`
-kernel of this environment, from nbs/, with one torch thread and without MPLBACKEND (a learner's
-kernel has Jupyter's inline backend). Two notebooks run at a time.
+Two runs of every notebook, each reported per notebook, so one failure never hides the others:
 
-- no cell fails;
-- every cell that made a figure (a `<Figure ...>` text or an image) shows it as an image, and so
-  does every cell whose stored output is an image (what the docs show);
-- 05_anneal shows each of its figures as an image;
-- `ProgressCallback` draws its HTML bar in a notebook, and nothing when turned off.
+1. **In a Jupyter kernel, as a learner runs it.** Each notebook is executed fresh by nbclient on the
+   `python3` kernel of this environment, from nbs/, with the kernel's default number of torch threads
+   (no OMP_NUM_THREADS) and without MPLBACKEND (a learner's kernel has Jupyter's inline backend), one
+   notebook at a time. No cell may fail; every cell that made a figure (a `<Figure ...>` text or an
+   image) shows it as an image, and so does every cell whose stored output is an image (what the docs
+   show); 05_anneal shows each of its 8 figures as an image; `ProgressCallback` draws its HTML bar in a
+   notebook, and nothing when turned off.
+2. **Under nbdev_test on another machine's numerics.** ATen's portable kernels
+   (`ATEN_CPU_CAPABILITY=default`, the unvectorised code a CPU without AVX gets) and one torch
+   thread, two notebooks at a time: other rounding in every matrix product and reduction, and
+   another thread count than the kernels above, so a notebook that pinned one machine's training
+   results fails here. `tools/regimes.py` runs more such regimes by hand.
 """
 import json, os, re, sys, time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT/'tools'))
+import regimes  # noqa: E402
+import run_nb  # noqa: E402
+
 NBS = ROOT/'nbs'
 NOTEBOOKS = sorted(p.name for p in NBS.glob('*.ipynb') if not p.name.startswith(('_', '.')))
 CELL_TIMEOUT = 600                  # seconds per cell; the slowest cells train for a few seconds
 IMAGE_TYPES = ('image/png', 'image/svg+xml')
 _figure_text = re.compile(r'<\w*Figure size [\d.]+x[\d.]+ with \d+ Axes>')
+OTHER_NUMERICS = 'portable-1'       # a regime of tools/regimes.py
 
 PROGRESS_NB = [
     "import torch\n"
@@ -40,16 +49,8 @@ PROGRESS_NB = [
 ]
 
 
-def kernel_env()->dict:
-    "The environment of the kernel: this Python's bin first on PATH (the kernelspec runs `python`), one thread, no MPLBACKEND."
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])))
-    env['PATH'] = os.pathsep.join([str(Path(sys.executable).parent), env.get('PATH', '')])
-    env.pop('MPLBACKEND', None)
-    return env
-
-
 def execute(nb_json:str, name:str)->dict:
-    "Run a notebook (JSON text) fresh in nbs/ on the python3 kernel; its executed JSON, or the error, and the seconds taken."
+    "Run a notebook (JSON text) fresh in nbs/ on the python3 kernel with default threads; its executed JSON, or the error, and the seconds taken."
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
@@ -58,7 +59,7 @@ def execute(nb_json:str, name:str)->dict:
         if c.cell_type == 'code': c.outputs, c.execution_count = [], None
     t0, error = time.perf_counter(), None
     client = NotebookClient(nb, kernel_name='python3', timeout=CELL_TIMEOUT, resources={'metadata': {'path': str(NBS)}})
-    try: client.execute(env=kernel_env())
+    try: client.execute(env=run_nb.kernel_env())
     except CellExecutionError as e: error = str(e)[-3000:]
     return dict(name=name, nb=nbformat.writes(nb), error=error, seconds=time.perf_counter() - t0)
 
@@ -72,10 +73,11 @@ def _progress_nb()->str:
 
 @pytest.fixture(scope='module')
 def executed():
-    "Every notebook in nbs/ and the progress notebook, executed once, two at a time; {name: result}."
+    "Every notebook in nbs/ and the progress notebook, executed once, one at a time; {name: result}."
     jobs = [((NBS/n).read_text(encoding='utf-8'), n) for n in NOTEBOOKS] + [(_progress_nb(), 'progress')]
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=2, mp_context=get_context('spawn')) as ex:
+    # one at a time, as a learner runs them: a kernel's default threads already take every core
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context('spawn')) as ex:
         res = {r['name']: r for r in ex.map(execute, *zip(*jobs))}
     times = ', '.join(f"{n} {r['seconds']:.0f} s" for n, r in res.items())
     print(f"\nnotebooks executed in {time.perf_counter() - t0:.0f} s: {times}")
@@ -111,6 +113,23 @@ def test_figure_problems_catches_a_figure_shown_as_text():
     nothing = {'cell_type': 'code', 'source': 'plt.plot([1])', 'outputs': []}
     assert len(figure_problems([as_text])) == 1 and figure_problems([as_image]) == []
     assert len(figure_problems([nothing], stored=[as_image])) == 1 and figure_problems([nothing]) == []
+
+
+@pytest.fixture(scope='module')
+def other_numerics():
+    "Every notebook under nbdev_test with ATen's portable kernels and one thread, two at a time; {name: (passed, seconds, error)}."
+    env = regimes.REGIMES[OTHER_NUMERICS]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(2) as ex: res = dict(zip(NOTEBOOKS, ex.map(lambda n: regimes.nbdev_test(NBS/n, env), NOTEBOOKS)))
+    print(f"\nnbdev_test under {OTHER_NUMERICS} in {time.perf_counter() - t0:.0f} s: " + ', '.join(f"{n} {r[1]:.0f} s" for n, r in res.items()))
+    return res
+
+
+@pytest.mark.parametrize('name', NOTEBOOKS)
+def test_notebook_passes_on_other_numerics(name, other_numerics):
+    passed, _, error = other_numerics[name]
+    env = ' '.join(f'{k}={v}' for k, v in regimes.REGIMES[OTHER_NUMERICS].items())
+    assert passed, f"{env} nbdev_test --path nbs/{name} failed:\n  {error}"
 
 
 @pytest.mark.parametrize('name', NOTEBOOKS)

@@ -63,7 +63,7 @@ case "$cmd" in
   test)
     # One pytest run reports every part, so a failure in one never hides the others. It includes
     # tests/test_notebooks.py: every notebook in a Jupyter kernel with default threads, and again under
-    # nbdev_test with ATen's portable kernels and 3 threads (another machine's rounding).
+    # nbdev_test with ATen's portable kernels and one thread (another machine's rounding).
     exec python -m pytest -q -rs tests ;;   # -rs: say why a test was skipped (e.g. no Chromium)
   lab)
     # Jupyter's own kernel backend draws pyplot figures in the notebook; Agg would hide them
