@@ -336,3 +336,46 @@ def test_lesson9_cross_entropy_compiles_into_the_step():
     assert run.why_eager is None and run.fast is not None and run.fast.n_graphs >= 1
     Runner([Recorder()]).fit(1, ref)
     for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.allclose(p, q, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- torch's compile cache across CPU kernels
+
+_COMPILE_IN_A_PROCESS = r'''
+import json, sys, torch, torch.nn.functional as F
+from torch import nn
+from lesson9.callbacks import AvgStatsCallback, DataBunch, Learner, Runner
+from lesson9.fast import FastRunner
+from lesson9.training import SGD, DataLoader, Dataset, accuracy
+torch.set_num_threads(1)
+def learner():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(70, 5, generator=g), torch.randint(0, 3, (70,), generator=g)
+    data = DataBunch(DataLoader(Dataset(x[:50], y[:50]), 8), DataLoader(Dataset(x[50:], y[50:]), 16), c=3)
+    torch.manual_seed(0); model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    return Learner(model, SGD(model.parameters(), lr=0.1), F.cross_entropy, data)
+res = {}
+for name, run in (('eager', Runner([AvgStatsCallback([accuracy], report=None)])),
+                  ('fast', FastRunner([AvgStatsCallback([accuracy], report=None)], mode='compile'))):
+    learn = learner(); run.fit(2, learn)
+    res[name] = torch.cat([p.detach().flatten() for p in learn.model.parameters()]).tolist()
+res['why_eager'] = run.why_eager
+print(json.dumps(res))
+'''
+
+@pytest.mark.parametrize('capability', ['default', 'avx2'])
+def test_compiled_step_is_never_taken_from_a_cache_made_for_other_cpu_kernels(tmp_path, capability):
+    "Compiled under this CPU's kernels, then under ATEN_CPU_CAPABILITY=`capability`, sharing torch's cache on disk: both compile and match eager."
+    import json, os, subprocess, sys
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    if pick_vec_isa().bit_width() == 0: pytest.skip("this CPU has no vector kernels for inductor: nothing else to cache")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path/'cache'), OMP_NUM_THREADS='1')
+    runs = []
+    for cap in (None, capability):  # the first fills the cache; the second would find its graphs there
+        e = dict(env, **({'ATEN_CPU_CAPABILITY': cap} if cap else {}))
+        r = subprocess.run([sys.executable, '-c', _COMPILE_IN_A_PROCESS], env=e, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append(json.loads(r.stdout.splitlines()[-1]))
+    for res in runs:
+        assert res['why_eager'] is None, res['why_eager']  # it compiled
+        assert all(math.isfinite(v) for v in res['fast'])
+        assert max(abs(a - b) for a, b in zip(res['fast'], res['eager'])) < 1e-5
