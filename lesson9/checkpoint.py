@@ -244,15 +244,18 @@ class RunFolder:
             pid = os.read(fd, 32).decode(errors='replace').strip() or '?'
             os.close(fd)
             raise RunFolderBusy(f"{self.path} is in use by another run (pid {pid}); wait for it or choose another folder") from None
-        os.ftruncate(fd, 0); os.write(fd, str(os.getpid()).encode())
+        self._lock_was = os.read(fd, 64)  # the previous holder's pid, put back if this open is discarded
+        os.ftruncate(fd, 0); os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock = fd
         with _signals_wait(): self._recover()
         return self
 
-    def close(self, discard:bool=False # also remove the private area, if this `open` created it: nothing of this run is kept
+    def close(self, discard:bool=False # leave the folder as this `open` found it: its private area removed if it made it
              ):
         "Release the lock."
-        if self._lock is not None: os.close(self._lock); self._lock = None
+        if self._lock is not None:
+            if discard and not self.created: os.ftruncate(self._lock, 0); os.pwrite(self._lock, self._lock_was, 0)
+            os.close(self._lock); self._lock = None
         if discard and self.created: shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self): return self.open()

@@ -224,8 +224,11 @@ def test_run_folder_close_discard_removes_only_what_its_open_made(tmp_path):
     f = RunFolder(tmp_path/'new').open(); f.close(discard=True)
     assert sorted(p.name for p in (tmp_path/'new').iterdir()) == []
     with RunFolder(tmp_path/'old') as f: f.publish({'a': b'1'}, {'run': 1})
-    f = RunFolder(tmp_path/'old').open(); f.close(discard=True)
-    assert (tmp_path/'old'/'.lesson9').is_dir() and _set(RunFolder(tmp_path/'old'))['run'] == 1
+    (tmp_path/'old'/'.lesson9'/'lock').write_bytes(b'12345')   # the pid of the run that held it last
+    f = RunFolder(tmp_path/'old').open()
+    assert (tmp_path/'old'/'.lesson9'/'lock').read_bytes() == str(os.getpid()).encode()
+    f.close(discard=True)
+    assert (tmp_path/'old'/'.lesson9'/'lock').read_bytes() == b'12345' and _set(RunFolder(tmp_path/'old'))['run'] == 1
 
 
 def test_read_checkpoint_refuses_a_damaged_or_partial_file(tmp_path):
