@@ -406,6 +406,7 @@ def state_dict(self:Optimizer)->dict:
               for g in self.param_groups]
     return {'state': {pos[id(p)]: copy.deepcopy(s) for p, s in self.state.items() if s}, 'param_groups': groups}
 
+# %% ../nbs/03_minibatch_training.ipynb #60fbf4e7
 @patch
 def load_state_dict(self:Optimizer, sd:dict # from `state_dict()` of an optimizer over parameters of the same shapes
                    ):
@@ -441,6 +442,7 @@ def iter_from(self:Sampler, start:int # the batch to start at
         return self._batches(torch.arange(self.n, device=self.device), start)  # in order: nothing to remember
     return self._batches(self.order, start)
 
+# %% ../nbs/03_minibatch_training.ipynb #27b1bbd9
 @patch
 def state_dict(self:Sampler)->dict:
     "Its own generator's state (None for torch's global one) and the latest epoch's order."
@@ -448,6 +450,7 @@ def state_dict(self:Sampler)->dict:
     return {'generator': None if g is None else g.get_state(),
             'order': None if self.order is None else self.order.cpu()}
 
+# %% ../nbs/03_minibatch_training.ipynb #f4754825
 @patch
 def load_state_dict(self:Sampler, sd:dict # from `state_dict()` of a sampler over the same number of samples
                    ):
@@ -467,14 +470,18 @@ def iter_from(self:DataLoader, start:int # the batch to start at
     "The rest of the latest epoch from batch `start` (see `Sampler.iter_from`)."
     return self._batches(self.sampler.iter_from(start))
 
+# %% ../nbs/03_minibatch_training.ipynb #e0fd2adb
 @patch
 def state_dict(self:DataLoader)->dict:
     "The sampler's state: what a checkpoint needs to continue or repeat an epoch."
     return self.sampler.state_dict()
 
+# %% ../nbs/03_minibatch_training.ipynb #b1102fbb
 @patch
 def load_state_dict(self:DataLoader, sd:dict # from `state_dict()`
-                   ): self.sampler.load_state_dict(sd)
+                   ):
+    "Restore the sampler's state from `sd` (see `Sampler.load_state_dict`)."
+    self.sampler.load_state_dict(sd)
 
 # %% ../nbs/03_minibatch_training.ipynb #8ee552c3
 @patch
