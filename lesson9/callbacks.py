@@ -324,6 +324,10 @@ def _setup_fit(self:Runner, epochs, learn, resume):
         raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
     missing = [k for k in ('model', 'opt', 'loss_func', 'data') if not hasattr(learn, k)]
     if missing: raise TypeError(f"learn must have model, opt, loss_func and data; {learn!r} lacks {missing}")
+    for k, what in (('train_dl', 'training'), ('valid_dl', 'validation')):  # empty: a fit of no batches, stats of NaN
+        dl = getattr(learn.data, k, None)
+        if epochs and dl is not None and hasattr(dl, '__len__') and len(dl) == 0:
+            raise ValueError(f"the {what} data loader ({k}) is empty: it has no batch to run")
     if resume is not None: _check_resume(resume, epochs)  # under the hood, "Saving where the loop is"
     self.epochs, self.learn, self.epoch, self.iter, self.error = epochs, learn, 0, 0, None
     self._resume = resume
