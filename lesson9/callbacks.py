@@ -15,7 +15,7 @@ import torch
 from fastcore.basics import patch
 from torch import nn
 
-from .training import SGD, accuracy, get_mlp
+from .training import SGD, _check_rows, accuracy, get_mlp
 
 # %% ../nbs/04_callbacks.ipynb #d914b29d
 class DataBunch:
@@ -473,6 +473,7 @@ def n_correct(out:torch.Tensor, # (n, n_classes) scores
               yb:torch.Tensor # (n,) integer labels
              )->torch.Tensor:
     "Number of rows of `out` whose largest score is at the label in `yb`, as a 0-d int64 tensor."
+    _check_rows(out, yb, 'out')  # shapes and dtype only: one-hot targets would broadcast into a count above n
     return (out.argmax(dim=1) == yb).sum()
 
 # metrics whose batch mean `AvgStats` replaces by a batch sum with the same epoch mean: fewer tensor ops per batch
@@ -761,8 +762,14 @@ def _check_resume(r, epochs):
     keys = {'epoch', 'in_train', 'iter', 'epochs', 'n_iter', 'n_epochs', 'pos', 'cbs'}
     if not isinstance(r, dict) or not keys <= set(r):
         raise ValueError(f"resume must be a Runner.state_dict(); missing {sorted(keys - set(r)) if isinstance(r, dict) else r!r}")
+    kinds = dict(epoch=int, iter=int, epochs=int, n_iter=int, in_train=bool, n_epochs=(int, float), pos=(int, float), cbs=dict)
+    for k, t in kinds.items():
+        v = r[k]
+        if not isinstance(v, t) or (t is int and isinstance(v, bool)) or (t is not bool and t is not dict and not v >= 0):
+            raise ValueError(f"the saved state's {k} must be {'a dict' if t is dict else 'True or False' if t is bool else 'a number >= 0'}, got {v!r}")
     if r['epochs'] != epochs: raise ValueError(f"the saved run is a fit of {r['epochs']} epochs, not {epochs}: resume it with epochs={r['epochs']}")
     if not 0 <= r['epoch'] <= epochs: raise ValueError(f"the saved position, epoch {r['epoch']}, is outside 0..{epochs}")
+    if not r['pos'] <= 1: raise ValueError(f"the saved position pos={r['pos']!r} is outside [0, 1]")
 
 # %% ../nbs/04_callbacks.ipynb #9692dc83
 @patch
@@ -809,3 +816,14 @@ def load_state_dict(self:GradientAccumulation, sd:dict # from `state_dict()`, wi
     if len(sd['grads']) != len(ps): raise ValueError(f"the saved window has gradients for {len(sd['grads'])} parameters, this optimizer has {len(ps)}")
     for p, g in zip(ps, sd['grads']): p.grad = None if g is None else g.to(p.device, p.dtype).clone()
     self.samples, self.batches = sd['samples'], sd['batches']
+
+@patch
+def state_dict(self:InvariantsCallback)->dict:
+    "The training batches it has counted (the current one too, when saved in an `after_batch` it has not checked yet): a resumed fit checks the counters against them."
+    run = self.run
+    pending = run.event == 'after_batch' and run.in_train and self.events[-1:] != ['after_batch']  # it runs last (_order 1000)
+    return {'n_train': self.n_train + pending}
+
+@patch
+def load_state_dict(self:InvariantsCallback, sd:dict # from `state_dict()`
+                   ): self.n_train = sd['n_train']

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .anneal import _rng_state, _set_rng_state  # torch's random state, as lr_find saves it
-from .callbacks import Callback, CancelTrain
+from .callbacks import Callback, CancelTrain, _check_resume
 from .data import atomic_write
 
 # %% ../nbs/06_checkpoint.ipynb #aff65612
@@ -79,12 +79,30 @@ def read_checkpoint(path # a file written by `save_checkpoint`
     if bad: raise CheckpointError(f"{path} is not a whole checkpoint: expected dicts for {', '.join(bad)}")
     return state
 
+def _check_fits(state:dict, model):
+    "Raise `ValueError` naming the first part of `state` that `model` cannot take as it is: a key, a dtype, a shape, the random state, the runner's position."
+    mine, saved = model.state_dict(), state['model']
+    missing, extra = [k for k in mine if k not in saved], [k for k in saved if k not in mine]
+    if missing or extra: raise ValueError(f"the model's keys differ: missing {missing}, unexpected {extra}")
+    for k, t in mine.items():
+        v = saved[k]
+        if not isinstance(v, torch.Tensor) or v.dtype != t.dtype or v.shape != t.shape:
+            raise ValueError(f"model weight {k!r} is {getattr(v, 'dtype', type(v).__name__)} {tuple(getattr(v, 'shape', ()))}, "
+                             f"the model's {t.dtype} {tuple(t.shape)}")
+    cpu = state['rng'].get('cpu')
+    if not (isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8 and cpu.shape == torch.get_rng_state().shape):
+        raise ValueError(f"the random state is not torch's (rng['cpu'] is {getattr(cpu, 'dtype', type(cpu).__name__)} {tuple(getattr(cpu, 'shape', ()))})")
+    r = state['runner']
+    if not isinstance(r.get('epochs'), int): raise ValueError(f"the runner's state has no number of epochs (epochs={r.get('epochs')!r})")
+    _check_resume(r, r['epochs'])
+
 def load_checkpoint(path, # a file written by `save_checkpoint`
                     learn # the `Learner` to restore: same model and optimizer classes, same data
                    )->tuple:
-    "Restore `learn`'s model, optimizer and loaders, and torch's random state; return `(runner_state, extra)` for `fit(..., resume=runner_state)`."
+    "Check that `learn` can take the saved state, then restore its model, optimizer and loaders, and torch's random state; return `(runner_state, extra)` for `fit(..., resume=runner_state)`."
     state = read_checkpoint(path)
     try:
+        _check_fits(state, learn.model)
         learn.model.load_state_dict(state['model'])
         learn.opt.load_state_dict(state['opt'])
         loaders = _loader_states(learn.data)

@@ -426,7 +426,11 @@ def load_state_dict(self:Optimizer, sd:dict # from `state_dict()` of an optimize
     param_at = {i: p for s, g in zip(saved, self.param_groups) for i, p in zip(s['params'], g['params'])}
     state = defaultdict(dict)
     for i, s in sd['state'].items():
-        p = param_at[i]
+        p = param_at.get(i)
+        if p is None: raise ValueError(f"the state_dict holds state for parameter {i!r}, which none of its param groups lists")
+        for k, v in s.items():
+            if isinstance(v, Tensor) and v.ndim and (v.shape != p.shape or v.dtype != p.dtype):
+                raise ValueError(f"the state_dict's {k} of parameter {i} is {v.dtype} {tuple(v.shape)}, the parameter {p.dtype} {tuple(p.shape)}")
         state[p] = {k: v.detach().clone().to(p.device) if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in s.items()}
     self.param_groups, self.state = groups, state
 
@@ -456,8 +460,15 @@ def load_state_dict(self:Sampler, sd:dict # from `state_dict()` of a sampler ove
                    ):
     "Restore the generator and the epoch order, so that the next epoch, or `iter_from`, continues exactly."
     order, g = sd['order'], sd['generator']
-    if order is not None and len(order) != self.n:
-        raise ValueError(f"the saved order is over {len(order)} samples, but this sampler has {self.n}")
+    if order is not None:
+        if not isinstance(order, Tensor) or order.dtype != torch.int64 or order.ndim != 1:
+            raise ValueError(f"the saved order must be a 1-d int64 tensor, got {getattr(order, 'dtype', type(order).__name__)} "
+                             f"of shape {tuple(getattr(order, 'shape', ()))}")
+        if len(order) != self.n: raise ValueError(f"the saved order is over {len(order)} samples, but this sampler has {self.n}")
+        if not torch.equal(order.cpu().sort().values, torch.arange(self.n)):  # each index once: an order of these samples
+            raise ValueError(f"the saved order is not an order of {self.n} samples (an index out of range or twice)")
+    if g is not None and not (isinstance(g, Tensor) and g.dtype == torch.uint8):
+        raise ValueError(f"the saved generator state must be a uint8 tensor, got {getattr(g, 'dtype', type(g).__name__)}")
     if (g is None) != (self.generator is None):
         raise ValueError("the saved sampler and this one differ in using torch's global generator or their own (seed=None vs an int)")
     if g is not None: self.generator.set_state(g)

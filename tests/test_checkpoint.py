@@ -297,3 +297,67 @@ def test_a_fit_that_raised_leaves_nothing_for_the_next():
     next(iter(fresh.data.train_dl))         # the failed fit drew its epoch's order: so does this one
     Runner().fit(1, fresh)
     assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), fresh.model.parameters()))
+
+
+def _momentum_checkpoint(tmp_path):
+    "A checkpoint of a momentum-SGD run stopped inside epoch 2 (shuffled loader with its own generator)."
+    ckpt = Checkpoint(tmp_path/'ck.pt')
+    make_runner('constant', ckpt, StopAt(ckpt, 1, True, 3)).fit(2, make_learner())
+    return read_checkpoint(tmp_path/'ck.pt')
+
+
+def _put(d, path, value):
+    *head, last = path
+    for k in head: d = d[k]
+    if value is KeyError: del d[last]
+    else: d[last] = value
+
+
+@pytest.mark.parametrize('path,value,message', [
+    (('model', '0.weight'), lambda t: t.double(), "model weight '0.weight' is torch.float64 (50, 784), the model's torch.float32 (50, 784)"),
+    (('model', '2.bias'), lambda t: t[:5], "model weight '2.bias' is torch.float32 (5,), the model's torch.float32 (10,)"),
+    (('model', '2.bias'), KeyError, "the model's keys differ: missing ['2.bias']"),
+    (('model', 'extra'), lambda t: torch.zeros(1), "unexpected ['extra']"),
+    (('opt', 'state', 7), lambda t: {'momentum_buffer': torch.zeros(3)}, "holds state for parameter 7, which none of its param groups lists"),
+    (('opt', 'state', 0, 'momentum_buffer'), lambda t: t[:3], "momentum_buffer of parameter 0 is torch.float32 (3, 784), the parameter torch.float32 (50, 784)"),
+    (('loaders', 'train_dl', 'order'), lambda t: t.clone().index_fill_(0, torch.tensor([0]), 600), 'not an order of 600 samples'),
+    (('loaders', 'train_dl', 'order'), lambda t: t.float(), 'the saved order must be a 1-d int64 tensor, got torch.float32'),
+    (('loaders', 'train_dl', 'generator'), lambda t: 3, 'the saved generator state must be a uint8 tensor, got int'),
+    (('rng', 'cpu'), lambda t: t[:10], "the random state is not torch's"),
+    (('runner', 'pos'), lambda t: 1.5, 'the saved position pos=1.5 is outside [0, 1]'),
+    (('runner', 'iter'), lambda t: 'three', "the saved state's iter must be a number >= 0, got 'three'"),
+    (('runner', 'in_train'), lambda t: 1, "the saved state's in_train must be True or False, got 1"),
+    (('runner', 'cbs'), KeyError, "missing ['cbs']"),
+])
+def test_a_checkpoint_is_checked_as_data_before_it_is_loaded(tmp_path, path, value, message):
+    state = _momentum_checkpoint(tmp_path)
+    old = state
+    for k in path[:-1]: old = old[k]
+    _put(state, path, value if value is KeyError else value(old.get(path[-1]) if isinstance(old, dict) else None))
+    torch.save(state, tmp_path/'bad.pt')
+    learn = make_learner(seed=5)
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    with pytest.raises(CheckpointError, match='bad.pt does not fit this learner: .*' + __import__('re').escape(message)):
+        load_checkpoint(tmp_path/'bad.pt', learn)
+    if path[0] in ('model', 'rng', 'runner'):   # found before anything was loaded: the learner is as it was
+        assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), before))
+
+
+def test_the_loop_checker_carries_on_across_a_resume(tmp_path):
+    from lesson9.callbacks import InvariantsCallback
+    ckpt = Checkpoint(tmp_path/'ck.pt')
+    Runner([InvariantsCallback(), AvgStatsCallback([accuracy], report=None), ckpt, StopAt(ckpt, 1, True, 3)]).fit(3, make_learner())
+    learn = make_learner(seed=4)
+    state, _ = load_checkpoint(tmp_path/'ck.pt', learn)
+    assert state['cbs']['invariants'] == {'n_train': 14}
+    run = Runner([InvariantsCallback(), AvgStatsCallback([accuracy], report=None)]); run.fit(3, learn, resume=state)
+    assert run.n_iter == 30
+
+
+def test_accuracy_as_a_count_refuses_targets_of_another_shape():
+    from lesson9.callbacks import AvgStats, n_correct
+    out, y = torch.randn(8, 10), torch.arange(8)
+    one_hot = torch.eye(10)[y].long()
+    for f in (lambda: n_correct(out, one_hot), lambda: AvgStats([accuracy], True).accumulate(torch.tensor(1.), out, one_hot)):
+        with pytest.raises(ValueError, match=r'target must hold one label per row of out: expected shape \(8,\), got \(8, 10\)'): f()
+    assert n_correct(out, y) == (out.argmax(1) == y).sum()
