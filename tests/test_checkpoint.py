@@ -108,6 +108,9 @@ def test_divergence_named_at_its_batch_and_checked_without_a_sync_per_batch(monk
     with pytest.raises(TrainingDiverged, match='batch 2 of 10'): run.fit(2, make_learner(lr=1e38))
     assert len(run.recorder.losses) == 3
     with pytest.raises(ValueError, match='every=0'): DivergenceCallback(every=0)
+    for bad in (1, 0.5, True, math.inf, '10'):
+        with pytest.raises(ValueError, match=f"max_ratio must be None or a finite number > 1, got max_ratio={bad!r}"): DivergenceCallback(max_ratio=bad)
+    DivergenceCallback(max_ratio=1.01)
 
 
 def test_divergence_check_carries_unchecked_losses_over_a_resume(tmp_path):
@@ -193,6 +196,54 @@ def test_run_folder_puts_the_previous_set_back_when_an_unfinished_one_lost_a_fil
     (stage/'new'/'b').unlink(missing_ok=True); (stage/'new'/'summary.json').unlink(missing_ok=True)  # the new set is no longer whole
     with RunFolder(tmp_path) as f:
         assert _set(f)['run'] == 1 and (tmp_path/'a').read_bytes() == b'1' and (tmp_path/'checkpoint.pt').read_bytes() == b'state'
+
+
+def test_run_folder_finishes_a_publication_killed_after_its_manifest_went_in(tmp_path, monkeypatch):
+    with RunFolder(tmp_path) as f: f.publish({'a': b'1', 'old': b'1'}, {'run': 1})
+    with RunFolder(tmp_path) as f:
+        def killed(self, j): raise KeyboardInterrupt('killed')
+        monkeypatch.setattr(RunFolder, '_commit', killed)   # every file moved in, the manifest too; the old set not yet cleared
+        with pytest.raises(KeyboardInterrupt): f.publish({'a': b'2', 'b': b'2'}, {'run': 2})
+        monkeypatch.undo()
+    assert (tmp_path/'.lesson9'/'publish.json').exists()
+    with RunFolder(tmp_path) as f:
+        assert _set(f)['run'] == 2 and (tmp_path/'a').read_bytes() == b'2' and not (tmp_path/'old').exists()
+
+
+@pytest.mark.parametrize('n', [1, 2])
+def test_run_folder_undoing_a_publication_keeps_a_file_both_sets_share(tmp_path, monkeypatch, n):
+    "`b` is the same in both sets and was not moved yet: undoing the unfinished set must not take it for a new file."
+    with RunFolder(tmp_path) as f: f.publish({'a': b'1', 'b': b'same'}, {'run': 1})
+    with RunFolder(tmp_path) as f:
+        _killed_after(monkeypatch, n)
+        with pytest.raises(KeyboardInterrupt): f.publish({'a': b'2', 'b': b'same', 'c': b'2'}, {'run': 2})
+        monkeypatch.undo()
+    stage = tmp_path/'.lesson9'/json.loads((tmp_path/'.lesson9'/'publish.json').read_text())['stage']
+    (stage/'new'/'c').unlink(); (stage/'new'/'summary.json').unlink()  # the new set is no longer whole: it is undone
+    with RunFolder(tmp_path) as f:
+        assert _set(f)['run'] == 1 and (tmp_path/'a').read_bytes() == b'1' and (tmp_path/'b').read_bytes() == b'same'
+
+
+def test_run_folder_does_not_finish_a_set_whose_moved_file_changed(tmp_path, monkeypatch):
+    with RunFolder(tmp_path) as f: f.publish({'a': b'1', 'b': b'1'}, {'run': 1})
+    with RunFolder(tmp_path) as f:
+        _killed_after(monkeypatch, 2)   # a aside, the new a in
+        with pytest.raises(KeyboardInterrupt): f.publish({'a': b'2', 'b': b'2'}, {'run': 2})
+        monkeypatch.undo()
+    (tmp_path/'a').write_bytes(b'changed since')   # the moved-in file is no longer the set's: finishing would publish it
+    with RunFolder(tmp_path) as f:
+        assert _set(f)['run'] == 1 and (tmp_path/'a').read_bytes() == b'1' and (tmp_path/'b').read_bytes() == b'1'
+
+
+@pytest.mark.skipif(not Path('/proc/self/fd').is_dir(), reason='names an open file through /proc (Linux)')
+def test_run_folder_flushes_every_published_file_to_disk(tmp_path, monkeypatch):
+    synced, real = [], os.fsync
+    def fsync(fd):
+        synced.append(os.readlink(f'/proc/self/fd/{fd}')); real(fd)
+    monkeypatch.setattr(os, 'fsync', fsync)
+    with RunFolder(tmp_path) as f: f.publish({'a': b'1', 'b': lambda fh: fh.write(b'2')}, {'run': 1})
+    names = {Path(s).name for s in synced}
+    assert {'a', 'b', 'summary.json'} <= names and str(tmp_path) in synced, synced   # each file, and the folder after the renames
 
 
 def test_run_folder_undoes_a_failed_rename_and_refuses_a_folder_in_the_way(tmp_path, monkeypatch):
@@ -336,11 +387,18 @@ def test_a_checkpoint_is_checked_as_data_before_it_is_loaded(tmp_path, path, val
     _put(state, path, value if value is KeyError else value(old.get(path[-1]) if isinstance(old, dict) else None))
     torch.save(state, tmp_path/'bad.pt')
     learn = make_learner(seed=5)
-    before = [p.detach().clone() for p in learn.model.parameters()]
+    Runner([]).fit(1, learn)   # momentum buffers and a loader order of its own, to be kept
+    before = [p.detach().clone() for p in learn.model.parameters()], learn.opt.state_dict(), ck._loader_states(learn.data)
+    before = __import__('copy').deepcopy(before)
     with pytest.raises(CheckpointError, match='bad.pt does not fit this learner: .*' + __import__('re').escape(message)):
         load_checkpoint(tmp_path/'bad.pt', learn)
-    if path[0] in ('model', 'rng', 'runner'):   # found before anything was loaded: the learner is as it was
-        assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), before))
+    weights, opt, loaders = before   # a checkpoint that does not fit changes nothing
+    assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), weights))
+    now = learn.opt.state_dict()
+    assert [{k: v for k, v in g.items() if k != 'params'} for g in now['param_groups']] == [{k: v for k, v in g.items() if k != 'params'} for g in opt['param_groups']]
+    assert all(torch.equal(now['state'][i]['momentum_buffer'], s['momentum_buffer']) for i, s in opt['state'].items())
+    for k, sd in ck._loader_states(learn.data).items():
+        assert torch.equal(sd['order'], loaders[k]['order']) and torch.equal(sd['generator'], loaders[k]['generator'])
 
 
 def test_the_loop_checker_carries_on_across_a_resume(tmp_path):
@@ -361,3 +419,58 @@ def test_accuracy_as_a_count_refuses_targets_of_another_shape():
     for f in (lambda: n_correct(out, one_hot), lambda: AvgStats([accuracy], True).accumulate(torch.tensor(1.), out, one_hot)):
         with pytest.raises(ValueError, match=r'target must hold one label per row of out: expected shape \(8,\), got \(8, 10\)'): f()
     assert n_correct(out, y) == (out.argmax(1) == y).sum()
+
+
+class _Planted:
+    "Unpickled, it would create the file `path`: what a crafted checkpoint could run if the loader unpickled anything."
+    def __init__(self, path): self.path = path
+    def __reduce__(self): return (open, (self.path, 'w'))
+
+
+def test_a_crafted_pickle_is_refused_and_never_run(tmp_path):
+    planted = tmp_path/'ran'
+    state = {'format': 1, 'model': {'w': _Planted(str(planted))}, 'opt': {}, 'runner': {}, 'loaders': {}, 'rng': {}, 'extra': {}}
+    torch.save(state, tmp_path/'crafted.pt')  # a well-formed zip: only the unpickling can refuse it
+    with pytest.raises(CheckpointError, match=r'crafted.pt is not a readable checkpoint: UnpicklingError'):
+        read_checkpoint(tmp_path/'crafted.pt')
+    with pytest.raises(CheckpointError, match='not a readable checkpoint'): load_checkpoint(tmp_path/'crafted.pt', make_learner())
+    assert not planted.exists()
+
+
+def test_validation_losses_never_count_as_divergence():
+    "The check reads training losses only: a validation loss 1000 times the first training loss is a bad model, not a diverged run."
+    learn = make_learner()
+    base = learn.loss_func
+    learn.loss_func = lambda pred, yb: base(pred, yb) * (1 if learn.model.training else 1000)
+    run = Runner([AvgStatsCallback([], report=None), DivergenceCallback(every=1)])
+    run.fit(2, learn)
+    assert run.avg_stats.history[-1]['valid_loss'] > 100 * run.avg_stats.history[-1]['train_loss']
+
+
+class _Wrapped(torch.nn.Module):
+    "A model inside a wrapper that keeps it as `.module`, as DistributedDataParallel does."
+    def __init__(self, module): super().__init__(); self.module = module
+    def forward(self, x): return self.module(x)
+
+
+def test_training_state_is_a_copy_of_the_inner_model_on_the_cpu():
+    learn = make_learner()
+    states = []
+    class Grab(Callback):
+        def after_epoch(self): states.append(ck.training_state(self.run))
+    learn.model = _Wrapped(learn.model)
+    Runner([Grab()]).fit(2, learn)
+    inner = learn.model.module.state_dict()
+    assert list(states[0]['model']) == list(inner)            # the model's own keys, not 'module.0.weight'
+    assert all(torch.equal(states[1]['model'][k], v) for k, v in inner.items())
+    assert not any(torch.equal(states[0]['model'][k], v) for k, v in inner.items() if k.endswith('weight'))  # epoch 2 moved them: a copy
+    assert all(t.data_ptr() != v.data_ptr() for t, v in zip(states[1]['model'].values(), inner.values()))
+
+
+def test_a_checkpoint_with_other_loaders_does_not_fit(tmp_path):
+    ckpt = Checkpoint(tmp_path/'ck.pt')
+    Runner([ckpt]).fit(1, make_learner())
+    learn = make_learner()
+    learn.data.valid_dl = torch.utils.data.DataLoader(Dataset(x_valid, y_valid), 128)  # torch's loader keeps no state
+    with pytest.raises(CheckpointError, match=r"ck.pt does not fit this learner: the checkpoint has loader states for \['train_dl', 'valid_dl'\], this learner's loaders \['train_dl'\]"):
+        load_checkpoint(tmp_path/'ck.pt', learn)
