@@ -1,6 +1,6 @@
 """lesson9.checkpoint as the package ships it: exact resume from any batch boundary, stop on request, the divergence
 check, and the run folder's one-set publishing."""
-import contextlib, errno, json, math, os, shutil
+import contextlib, copy, errno, json, math, os, shutil
 from pathlib import Path
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 import lesson9.checkpoint as ck
 from lesson9.anneal import Recorder, lr_find, one_cycle
-from lesson9.callbacks import AvgStatsCallback, Callback, DataBunch, GradientAccumulation, Learner, Runner
+from lesson9.callbacks import AvgStatsCallback, Callback, CancelTrain, DataBunch, GradientAccumulation, Learner, Runner
 from lesson9.checkpoint import (Checkpoint, CheckpointError, DivergenceCallback, RunFolder, RunFolderBusy, TrainingDiverged,
                                 load_checkpoint, read_checkpoint, save_checkpoint, sha256sum, strict_json)
 from lesson9.data import get_data
@@ -474,3 +474,65 @@ def test_a_checkpoint_with_other_loaders_does_not_fit(tmp_path):
     learn.data.valid_dl = torch.utils.data.DataLoader(Dataset(x_valid, y_valid), 128)  # torch's loader keeps no state
     with pytest.raises(CheckpointError, match=r"ck.pt does not fit this learner: the checkpoint has loader states for \['train_dl', 'valid_dl'\], this learner's loaders \['train_dl'\]"):
         load_checkpoint(tmp_path/'ck.pt', learn)
+
+
+class _SaveAt(Callback):
+    "Keeps `run.state_dict()` at one batch (epoch, in_train, iter) and stops the fit there, as a signal would."
+    _order = 200
+    def __init__(self, at): self.at, self.state = at, None
+    def after_batch(self):
+        if (self.epoch, self.in_train, self.iter) == self.at:
+            self.state = self.run.state_dict(); raise CancelTrain()
+
+
+def test_resume_refuses_another_fit_or_other_callbacks_and_leaves_the_state_as_it_was():
+    save, learn = _SaveAt((0, True, 3)), make_learner()
+    Runner([AvgStatsCallback([accuracy], report=None), save]).fit(2, learn)
+    state = save.state
+    with pytest.raises(ValueError, match='the saved run is a fit of 2 epochs, not 3: resume it with epochs=2'):
+        Runner([AvgStatsCallback([accuracy], report=None)]).fit(3, make_learner(), resume=state)
+    with pytest.raises(ValueError, match=r"the saved state is for callbacks with state \['avg_stats'\], but this runner's are \['avg_stats', 'recorder'\]"):
+        Runner([AvgStatsCallback([accuracy], report=None), Recorder()]).fit(2, make_learner(), resume=state)
+    kept = copy.deepcopy(state)
+    Runner([AvgStatsCallback([accuracy], report=None)]).fit(2, learn, resume=state)   # the learner as the stop left it
+    saved, now = kept['cbs']['avg_stats']['train'], state['cbs']['avg_stats']['train']
+    assert saved['count'] == now['count'] and all(torch.equal(a, b) for a, b in zip(saved['sums'], now['sums']))  # a resumed fit adds to copies
+
+
+def test_two_callbacks_with_state_under_one_name_are_refused():
+    class Twin(AvgStatsCallback): name = 'avg_stats'
+    save = _SaveAt((0, True, 0))
+    with pytest.raises(ValueError, match="two callbacks named 'avg_stats' hold state: rename one"):
+        Runner([AvgStatsCallback([accuracy], report=None), Twin([accuracy], report=None), save]).fit(1, make_learner())
+
+
+def test_a_phase_saved_complete_is_not_run_again_even_by_a_loader_that_cannot_continue():
+    "Saved after the last training batch: the resumed epoch goes straight to validation, with any loader (torch's too)."
+    def learner():
+        learn = make_learner()
+        learn.data.train_dl = torch.utils.data.DataLoader(Dataset(x_train, y_train), 64)  # no iter_from: it cannot continue an epoch
+        return learn
+    n = len(learner().data.train_dl)
+    save = _SaveAt((0, True, n - 1))
+    Runner([save]).fit(1, learner())
+    class Count(Callback):
+        seen = []
+        def after_batch(self): self.seen.append(self.in_train)
+    Runner([Count()]).fit(1, learner(), resume=save.state)
+    assert Count.seen == [False] * len(make_learner().data.valid_dl)
+
+
+def test_a_saved_state_is_a_snapshot_that_later_batches_do_not_change():
+    "A state kept in memory (not only one written to a file) must not follow the training it was taken from."
+    class Keep(Callback):
+        _order = 200
+        def after_batch(self):
+            if (self.epoch, self.in_train, self.iter) == (0, True, 1):   # inside an accumulation window of 3
+                self.state = self.run.state_dict(); self.copy = copy.deepcopy(self.state)
+    keep = Keep()
+    Runner([AvgStatsCallback([accuracy], report=None), GradientAccumulation(3), keep]).fit(1, make_learner())
+    window, at_save = keep.state['cbs']['gradient_accumulation'], keep.copy['cbs']['gradient_accumulation']
+    assert any(g is not None for g in at_save['grads'])
+    assert all(torch.equal(a, b) for a, b in zip(window['grads'], at_save['grads']) if b is not None)
+    train, train_at_save = keep.state['cbs']['avg_stats']['train'], keep.copy['cbs']['avg_stats']['train']
+    assert all(torch.equal(a, b) for a, b in zip(train['sums'], train_at_save['sums']))
