@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = {'training': ['tests/test_training.py', 'tests/test_checkpoint.py'],
          'callbacks': ['tests/test_callbacks.py', 'tests/test_checkpoint.py'],
          'anneal': ['tests/test_anneal.py'], 'initialization': ['tests/test_initialization.py'],
-         'checkpoint': ['tests/test_checkpoint.py']}
+         'checkpoint': ['tests/test_checkpoint.py'], 'distributed': ['tests/test_distributed.py']}
 
 # (module, description, original text, mutated text): the original must occur exactly once in the module
 MUTANTS = [
@@ -187,6 +187,30 @@ MUTANTS = [
     ('training', 'Optimizer.load_state_dict: state of an unknown parameter ignored', "if p is None: raise ValueError", "if p is None: continue\n        if False: raise ValueError"),
     ('training', 'Optimizer.load_state_dict: state shape not compared', "v.ndim and (v.shape != p.shape or v.dtype != p.dtype)", "False"),
     ('training', 'Optimizer.load_state_dict: hyper-parameters not restored', "groups.append({**copy.deepcopy({k: v for k, v in kept.items() if k != 'params'}), 'params': g['params']})", "groups.append(g)"),
+    # ---------------------------------------------------------------- distributed.py
+    ('distributed', 'shard_bounds: parts overlap (rank < r -> <=)', "start + q + (rank < r)", "start + q + (rank <= r)"),
+    ('distributed', 'global_size: a last partial batch counted as full', "return min(self.sampler.bs, self.sampler.n - i*self.sampler.bs)", "return self.sampler.bs"),
+    ('distributed', 'shard_loss_weight: not times world_size', "return n_local * world_size / n_global", "return n_local / n_global"),
+    ('distributed', 'loss_share: an empty part shares its NaN', "if n_local == 0: return torch.zeros_like(loss.detach())", "pass"),
+    ('distributed', 'loss_share: not weighted by the part', "return loss.detach() * (n_local / n_global)", "return loss.detach()"),
+    ('distributed', 'after_loss: the shares not summed across ranks', "dist.all_reduce(loss)  # the global", "pass  # the global"),
+    ('distributed', "after_loss: run.loss left as the rank's own", "run.loss = loss.to(run.loss.device)", "pass"),
+    ('distributed', 'after_loss: weights the validation loss, not the training one', "if run.in_train: run.loss_grad", "if not run.in_train: run.loss_grad"),
+    ('distributed', 'unpack_stats: counts not set from the sums', "s.count = round(n)", "pass"),
+    ('distributed', 'after_epoch: stats not summed across ranks', "dist.all_reduce(packed)", "pass"),
+    ('distributed', '_check_same_data: differing ranks accepted', "differ = [r for r, s in enumerate(sigs) if s != sigs[0]]", "differ = []"),
+    ('distributed', '_check_same_data: unseeded shuffle accepted', "if sigs[0][3] and sigs[0][4] == -1:", "if False:"),
+    ('distributed', '_data_signature: generator state left out', "state if s.shuffle else 0]", "0]"),
+    ('distributed', 'begin_fit: whole-batch layers accepted', "if found := whole_batch_layer(learn.model):", "if found := None:"),
+    ('distributed', 'whole_batch_layer: dropout p > 0 -> p > 1', "lambda m: m.p > 0", "lambda m: m.p > 1"),
+    ('distributed', 'begin_fit: rank 0 silenced instead of the others', "        if not world.is_main:\n", "        if world.is_main:\n"),
+    ('distributed', 'after_fit: the DDP wrapper left on the learner', "learn.model, learn.data, reports = self._saved", "_, learn.data, reports = self._saved"),
+    ('distributed', 'DistributedCheckpoint.save: every rank writes', "if is_main_process(): atomic_write(", "if True: atomic_write("),
+    ('distributed', 'DistributedCheckpoint.save: no barrier after rank 0 writes', "barrier()  # the file is whole", "pass  # the file is whole"),
+    ('distributed', 'DistributedCheckpoint: stop flags combined by MIN', "op=dist.ReduceOp.MAX", "op=dist.ReduceOp.MIN"),
+    ('distributed', "DistributedCheckpoint: another rank's stop ignored", "if flag.item() and self.stop_requested is None:", "if False:"),
+    ('distributed', 'DistributedCheckpoint: stops in the middle of an epoch', "def after_batch(self): pass", "def after_batch(self): super().after_batch()"),
+    ('distributed', 'distributed(): a failing rank not named', "print(f\"rank {world.rank} of {world.world_size} failed:", "print(f\"a rank of {world.world_size} failed:"),
 ]
 
 
