@@ -92,7 +92,7 @@ class EarlyStopping(TrackBest):
         super().after_epoch()
         if self.wait >= self.patience:
             epoch = self._stats.history[-1]['epoch']
-            self.stopped = {'epoch': epoch, 'reason': f"{self.monitor} did not improve for {self.wait} epochs "
+            self.stopped = {'epoch': epoch, 'reason': f"{self.monitor} did not improve for {self.wait} epoch{'s'*(self.wait > 1)} "
                             f"(best {self.best:.4f} after epoch {self.best_epoch})" if self.best is not None
                             else f"{self.monitor} was never a number in {self.wait} epochs"}
 
