@@ -161,7 +161,7 @@ def check_precision(precision:str, # 'fp32', 'bf16' or 'fp16'
 # %% ../nbs/08a_extras.ipynb #2516fc8b
 class MixedPrecision(Callback):
     "Runs each batch's forward pass under autocast, bf16 (CPU or CUDA) or fp16 with a gradient scaler (CUDA); weights, loss and step stay fp32."
-    _order = AvgStatsCallback._order + 2  # after DeviceCallback has moved the batch; leaves autocast before the loss
+    _order = 2  # after DeviceCallback (-1) has moved the batch; its after_pred comes first, so other callbacks see an fp32 pred
     def __init__(self, precision:str='bf16' # 'bf16' or 'fp16'
                 ):
         if precision not in ('bf16', 'fp16'): raise ValueError(f"MixedPrecision takes 'bf16' or 'fp16', got {precision!r}")

@@ -107,3 +107,25 @@ def test_mixed_precision_is_named_as_the_reason_the_fast_path_runs_eagerly(tmp_p
 def test_help_lists_the_new_options():
     r = subprocess.run([sys.executable, '-m', 'lesson9', '--help'], capture_output=True, text=True)
     for word in ('--early-stop', '--monitor', '--precision', '--best', 'best.pt', 'bf16', 'fp16'): assert word in r.stdout, word
+
+
+def test_a_run_saved_before_these_options_still_resumes(tmp_path, monkeypatch):
+    "A checkpoint whose saved options lack early_stop, monitor and precision (as older versions wrote them) carries on as fp32 without early stopping."
+    import hashlib
+    argv = ['--epochs', '2', *CONSTANT]
+    assert run_main(*argv, '--out', tmp_path/'ref')[0] == 0
+    signal_at(monkeypatch, signal.SIGTERM, 1, True, 10)
+    d = tmp_path/'old'
+    assert run_main(*argv, '--out', d)[0] == 143
+    monkeypatch.undo()
+    state = torch.load(d/'checkpoint.pt', weights_only=True)
+    for k in ('early_stop', 'monitor', 'precision'): del state['extra']['options'][k]
+    torch.save(state, d/'checkpoint.pt')
+    s = json.loads((d/'summary.json').read_text())
+    s['files']['checkpoint.pt'] = hashlib.sha256((d/'checkpoint.pt').read_bytes()).hexdigest()
+    (d/'summary.json').write_text(json.dumps(s))
+    code, _, err = run_main('--resume', '--out', d)
+    assert code == 0, err
+    same_run(d, tmp_path/'ref')
+    s = outputs(d)
+    assert s['early_stop'] is None and 'best.pt' not in s['files'] and 'precision' not in s['config']
