@@ -188,6 +188,20 @@ def test_fp16_scaler_skips_an_overflowed_step_and_is_saved():
     assert sd['precision'] == 'fp16' and sd['scaler']['scale'] > 0
 
 
+def test_no_host_sync_per_batch_with_early_stopping_and_bf16(one_thread, monkeypatch):
+    "EarlyStopping, BestModel and bf16 autocast read nothing from the device per batch (tests/test_no_host_sync.py's count)."
+    import torch.nn.functional as F
+    from test_no_host_sync import BS, C, _assert_no_per_batch_sync
+    def run_fit(train_ds, valid_ds):
+        data = DataBunch(*get_dls(train_ds, valid_ds, BS, seed=0), c=C)
+        torch.manual_seed(0)
+        model, opt = get_model(data, lr=0.1, nh=8)
+        cbs = [EarlyStopping(patience=5), BestModel(), MixedPrecision('bf16'), ProgressCallback(plot=True, enabled=False)]
+        get_runner(cbs, report=None).fit(3, Learner(model, opt, F.cross_entropy, data))
+    few = _assert_no_per_batch_sync(run_fit, monkeypatch)
+    assert few.total <= 12, dict(few.calls)
+
+
 # ---------------------------------------------------------------- resume, bit for bit
 
 class StopAt(Callback):
