@@ -135,6 +135,11 @@ def test_fp16_is_refused_on_the_cpu_before_any_batch(one_thread):
     assert all(torch.equal(a, b) for a, b in zip(before, learn.model.parameters()))
 
 
+def test_a_resume_in_another_precision_is_refused():
+    with pytest.raises(ValueError, match="the saved run trained in fp16, this MixedPrecision is bf16"):
+        MixedPrecision('bf16').load_state_dict({'precision': 'fp16', 'scaler': None})
+
+
 def test_a_cancelled_batch_leaves_autocast(one_thread):
     from lesson9.callbacks import CancelBatch
     class CancelAfterPred(Callback):
@@ -222,7 +227,7 @@ if torch.cuda.is_available(): FEATURES['fp16'] = lambda: [MixedPrecision('fp16')
 
 
 @pytest.mark.parametrize('feature', list(FEATURES))
-@pytest.mark.parametrize('stop_at', [8 + 5, 2*8 + 8])   # 8 batches per epoch: inside epoch 2; before epoch 3's validation
+@pytest.mark.parametrize('stop_at', [8 + 5, 2*8 + 8, 3*8 + 4])   # 8 batches per epoch: in epoch 2; before epoch 3's validation; in epoch 4, one stalled epoch behind
 def test_resume_is_bit_identical(one_thread, tmp_path, feature, stop_at):
     device = 'cuda' if feature == 'fp16' else 'cpu'
     def fit(learn, path, resume=None, stop=None):
