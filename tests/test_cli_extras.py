@@ -129,3 +129,22 @@ def test_a_run_saved_before_these_options_still_resumes(tmp_path, monkeypatch):
     same_run(d, tmp_path/'ref')
     s = outputs(d)
     assert s['early_stop'] is None and 'best.pt' not in s['files'] and 'precision' not in s['config']
+
+
+def test_under_torchrun_two_processes_stop_together(tmp_path):
+    """The main job with --early-stop on 2 processes. Each validates half the digits; the record every process reads
+    is the global one, so they stop at the same epoch: were it not so, one would wait forever for the other in the
+    next epoch's first collective. (At lr 1.5 the run is too chaotic to match one process's epoch for epoch.)"""
+    import os
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    argv = ['-m', 'lesson9', '--epochs', '4', *CONSTANT, '--lr', '1.5', '--early-stop', '1', '--device', 'cpu']
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *argv, '--out', str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr
+    s = outputs(tmp_path)
+    e, losses = s['early_stop'], [h['valid_loss'] for h in s['history']]
+    assert s['config']['processes'] == 2 and 'best.pt' in s['files']
+    assert e['best_epoch'] == 1 + losses.index(min(losses)) and len(losses) == (e['stopped_after'] or 4)
+    if e['stopped_after']: assert e['stopped_after'] - e['best_epoch'] == 1
+    code, out, _ = run_main('--evaluate', '--best', '--out', tmp_path)  # the best epoch's weights, in one process
+    assert code == 0 and abs(float(out.split()[1]) - e['best']) < 1e-5, (out, e)
