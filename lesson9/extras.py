@@ -30,7 +30,7 @@ def improves(value:float, # this epoch's value of the metric
 # %% ../nbs/08a_extras.ipynb #3c723a45
 class TrackBest(Callback):
     "Follows `monitor` in each epoch's record from `AvgStatsCallback`: the best value, its epoch, and the epochs since."
-    _order = AvgStatsCallback._order + 5  # after the record is written, before the next epoch's bar is drawn
+    _order = 5  # after AvgStatsCallback (0), which writes the epoch's record; before ProgressCallback (10), which draws the next bar
     def __init__(self, monitor:str='valid_loss', # a key of the records: 'valid_loss', 'valid_acc', 'train_loss', ...
                  mode:str='min', # 'min' for a loss, 'max' for an accuracy
                  min_delta:float=0. # an improvement must exceed this
