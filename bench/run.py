@@ -239,7 +239,7 @@ def main(argv=None):
     p.add_argument('--reps', type=int, help='rounds: timed epochs per loop and model (default 15, quick 6; at least 5)')
     p.add_argument('--procs', type=int, help='generations of processes the rounds are split over (default 3, quick 2)')
     p.add_argument('--threads', type=int, default=1, help='torch threads in every loop process (default 1)')
-    p.add_argument('--loops', default='1,2,3,4,5,6,7')
+    p.add_argument('--loops', default='1,2,3,4,5,6,7,8')
     p.add_argument('--models', default='lesson,wide')
     p.add_argument('--samples', type=int, default=50_000, help='training samples per epoch (lesson MLP)')
     p.add_argument('--wide-samples', type=int, help='training samples per epoch for the wide MLP '

@@ -15,6 +15,7 @@ The loops (see bench/README.md):
   5 PyTorch Lightning (no progress bar, logger, checkpoints or model summary)
   6 fastai (no progress bar, logging or checkpoints)
   7 lesson9 08: loop 4 with the fast path (`get_fast_runner`): each training batch one compiled step
+  8 lesson9 08a: loop 4 with `MixedPrecision('bf16')`: each batch's forward pass under bf16 autocast
 
 Every loop does the same work: the same synthetic data, the same initial weights, the same batch order
 (loops 1-5), a training epoch keeping the sample-weighted mean loss and accuracy on the device, then a
@@ -30,7 +31,7 @@ MODELS = {'lesson': dict(sizes=(784, 50, 10), bs=64, lr=0.5),
           'wide': dict(sizes=(784, 2048, 2048, 10), bs=512, lr=0.1)}
 LOOP_NAMES = {1: 'plain PyTorch, index slicing', 2: 'PyTorch TensorDataset+DataLoader', 3: 'lesson9 03 fit',
               4: 'lesson9 Runner+Recorder+ParamScheduler', 5: 'PyTorch Lightning', 6: 'fastai',
-              7: 'lesson9 FastRunner (compiled)+Recorder+ParamScheduler'}
+              7: 'lesson9 FastRunner (compiled)+Recorder+ParamScheduler', 8: 'lesson9 Runner+Recorder+ParamScheduler, bf16 autocast'}
 
 
 def set_threads(n):
@@ -173,7 +174,7 @@ def anneal_available():
     return True
 
 
-def loop4(model, lr, data, bs, seed, schedule='one_cycle'):
+def loop4(model, lr, data, bs, seed, schedule='one_cycle', extra=()):
     import torch
     import torch.nn.functional as F
     train_dl, valid_dl = _lesson9_loaders(data, bs, seed)
@@ -187,6 +188,7 @@ def loop4(model, lr, data, bs, seed, schedule='one_cycle'):
     if anneal is not None:
         scheds = one_cycle_cbs(lr, anneal) if schedule == 'one_cycle' else [anneal.ParamScheduler('lr', anneal.sched_no(lr, lr))]
         cbs = [anneal.Recorder(), *scheds]
+    cbs += [make() for make in extra]
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     learn = Learner(model, opt, F.cross_entropy, DataBunch(train_dl, valid_dl, c=10))
     def run():
@@ -196,6 +198,12 @@ def loop4(model, lr, data, bs, seed, schedule='one_cycle'):
         return {'train_loss': h['train_loss'], 'train_acc': h['train_acc'], 'valid_loss': h['valid_loss'], 'valid_acc': h['valid_acc']}
     run.with_anneal = anneal is not None
     return run
+
+
+def loop8(model, lr, data, bs, seed):
+    "Loop 4 with the forward pass of every batch under bf16 autocast (lesson9.extras.MixedPrecision)."
+    from lesson9.extras import MixedPrecision
+    return loop4(model, lr, data, bs, seed, extra=[lambda: MixedPrecision('bf16')])
 
 
 _FAST = {}  # loop 7: (sizes, device) -> the model, learner and runner whose compiled step this process keeps
@@ -290,7 +298,7 @@ def loop6(model, lr, data, bs, seed):
     return run
 
 
-LOOPS = {1: loop1, 2: loop2, 3: loop3, 4: loop4, 5: loop5, 6: loop6, 7: loop7}
+LOOPS = {1: loop1, 2: loop2, 3: loop3, 4: loop4, 5: loop5, 6: loop6, 7: loop7, 8: loop8}
 
 
 # ------------------------------------------------------------------ memory
