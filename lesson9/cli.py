@@ -312,7 +312,7 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
     from lesson9.callbacks import DataBunch, DeviceCallback, Learner, ProgressCallback, get_runner
     from lesson9.checkpoint import Checkpoint, DivergenceCallback, RunFolder, TrainingDiverged, load_checkpoint
     from lesson9.data import atomic_write, get_data
-    from lesson9.distributed import DistributedCallback, DistributedCheckpoint, distributed, world_info
+    from lesson9.distributed import DistributedCallback, DistributedCheckpoint, barrier, distributed, world_info
     from lesson9.extras import BestModel, EarlyStopping, MixedPrecision
     from lesson9.fast import get_fast_runner
     from lesson9.training import Dataset, SGD, accuracy, cross_entropy, get_dls, get_mlp
@@ -391,34 +391,38 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
             signals.publishing = True  # from here a signal waits until the outputs are in place
             history = run.avg_stats.history
             code = EXIT_CODES.get(status if status != 'interrupted' else ckpt.stop_requested, 1)
-            if not main_rank: return dict(status=status, message=message, history=history, exit_code=code)
-            why_eager = getattr(run, 'why_eager', None)  # the fast path's reason for running a fit eagerly
-            fast_path = None if not opts.get('fast') else 'compiled' if why_eager is None else f"eager: {why_eager}"
-            if why_eager is not None and opts.get('fast') and not quiet:
-                print(f"lesson9-train: note: --fast ran the batches eagerly: {why_eager}", file=sys.stderr, flush=True)
-            early = None if stopper is None else dict(
-                monitor=stopper.monitor, patience=stopper.patience, best_epoch=stopper.best_epoch, best=stopper.best,
-                stopped_after=None if stopper.stopped is None else stopper.stopped['epoch'],
-                reason=None if stopper.stopped is None else stopper.stopped['reason'])  # why the run stopped, when it stopped early
-            summary = dict(status=status, message=message, run_id=run_id, stopped_at=ckpt.stopped_at, early_stop=early, final=history[-1] if history else None,
-                           history=history, seconds=round(time.perf_counter() - t0, 3),
-                           config=dict(opts, device=str(device), processes=world.world_size), fast_path=fast_path, data=dict(n_train=len(x_train), n_valid=len(x_valid), sha256=fingerprint),
-                           versions=dict(lesson9=lesson9.__version__, torch=torch.__version__, python=platform.python_version()))
-            weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            png = lambda fig: (lambda f: fig.savefig(f, format='png', dpi=100))
-            files = {'model.pt': lambda f: torch.save(weights, f),
-                     'loss.png': png(loss_figure(recorder.losses, history, len(data.train_dl))),
-                     'lr.png': png(recorder.plot_lr())}
-            if best is not None and best.weights is not None:  # the weights of the best epoch so far
-                best_weights = {k: v.detach().cpu() for k, v in best.weights.items()}
-                files['best.pt'] = lambda f: torch.save(best_weights, f)
-            if status != 'diverged': files['checkpoint.pt'] = ckpt.path  # the state at the end, or where it stopped
-            try: summary = folder.publish(files, summary)
-            except OSError as e: raise OutputsNotWritten(_not_written(e, args.out, status)) from None
-            if status == 'diverged': ckpt.path.unlink(missing_ok=True)  # a diverged run is not one to carry on
-            else: ckpt.path.unlink()  # now a link in the published set
-            summary['exit_code'] = code
-            return summary
+            if not main_rank:  # torchrun ends the whole job once one process leaves with a code other than 0:
+                barrier()      # the others leave only after process 0 has written the outputs
+                return dict(status=status, message=message, history=history, exit_code=code)
+            try:
+                why_eager = getattr(run, 'why_eager', None)  # the fast path's reason for running a fit eagerly
+                fast_path = None if not opts.get('fast') else 'compiled' if why_eager is None else f"eager: {why_eager}"
+                if why_eager is not None and opts.get('fast') and not quiet:
+                    print(f"lesson9-train: note: --fast ran the batches eagerly: {why_eager}", file=sys.stderr, flush=True)
+                early = None if stopper is None else dict(
+                    monitor=stopper.monitor, patience=stopper.patience, best_epoch=stopper.best_epoch, best=stopper.best,
+                    stopped_after=None if stopper.stopped is None else stopper.stopped['epoch'],
+                    reason=None if stopper.stopped is None else stopper.stopped['reason'])  # why the run stopped, when it stopped early
+                summary = dict(status=status, message=message, run_id=run_id, stopped_at=ckpt.stopped_at, early_stop=early, final=history[-1] if history else None,
+                               history=history, seconds=round(time.perf_counter() - t0, 3),
+                               config=dict(opts, device=str(device), processes=world.world_size), fast_path=fast_path, data=dict(n_train=len(x_train), n_valid=len(x_valid), sha256=fingerprint),
+                               versions=dict(lesson9=lesson9.__version__, torch=torch.__version__, python=platform.python_version()))
+                weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                png = lambda fig: (lambda f: fig.savefig(f, format='png', dpi=100))
+                files = {'model.pt': lambda f: torch.save(weights, f),
+                         'loss.png': png(loss_figure(recorder.losses, history, len(data.train_dl))),
+                         'lr.png': png(recorder.plot_lr())}
+                if best is not None and best.weights is not None:  # the weights of the best epoch so far
+                    best_weights = {k: v.detach().cpu() for k, v in best.weights.items()}
+                    files['best.pt'] = lambda f: torch.save(best_weights, f)
+                if status != 'diverged': files['checkpoint.pt'] = ckpt.path  # the state at the end, or where it stopped
+                try: summary = folder.publish(files, summary)
+                except OSError as e: raise OutputsNotWritten(_not_written(e, args.out, status)) from None
+                if status == 'diverged': ckpt.path.unlink(missing_ok=True)  # a diverged run is not one to carry on
+                else: ckpt.path.unlink()  # now a link in the published set
+                summary['exit_code'] = code
+                return summary
+            finally: barrier()  # the outputs are in place, or could not be written: the others may leave
     finally: folder.close()
 
 # %% ../nbs/09_cli.ipynb #4e29524d

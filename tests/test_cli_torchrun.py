@@ -113,3 +113,18 @@ def test_two_machines_simulated_on_this_one(one_process, tmp_path):
     assert [n.returncode for n in nodes] == [0, 0], [o[1][-2000:] for o in outs]
     assert not (tmp_path/'node1'/'summary.json').exists()      # only the global rank 0 writes
     close(summary(tmp_path/'node0')['history'], summary(one_process)['history'])
+
+
+def test_the_other_processes_wait_for_process_0_to_write_the_outputs(tmp_path):
+    # a diverged run ends with exit 3 on every process; torchrun then stops the ones still running and kills them 30 s
+    # later. Process 0 takes 3 s more to publish: the others must not leave before its outputs are in place
+    times = tmp_path/'times'; times.mkdir()
+    run_args = ['--epochs', '2', '--lr', '1e6', '--schedule', 'constant', '--device', 'cpu', '--data', digits(tmp_path/'small.npz', 400)]
+    p = subprocess.run([*TORCHRUN, '--standalone', '--nproc_per_node=2', str(ROOT/'tests'/'slow_publish_job.py'), *run_args,
+                        '--out', str(tmp_path/'out')], capture_output=True, text=True, timeout=600,
+                       env=dict(ENV, LESSON9_TEST_PUBLISH_DELAY='3', LESSON9_TEST_TIMES=str(times),
+                                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])))
+    assert p.returncode != 0 and 'exitcode  : 3' in p.stderr, p.stderr[-2000:]   # torchrun itself exits 1 for a failed job
+    assert float((times/'rank1').read_text()) >= float((times/'published').read_text()), 'process 1 left before the outputs were written'
+    s = summary(tmp_path/'out')
+    assert s['status'] == 'diverged' and s['config']['processes'] == 2 and 'more than 10 times the first training loss' in s['message']
