@@ -4,18 +4,18 @@
 
 # %% auto #0
 __all__ = ['EVENTS', 'DataBunch', 'get_model', 'Learner', 'camel2snake', 'listify', 'Callback', 'CancelBatch', 'CancelEpoch',
-           'CancelTrain', 'TrainEvalCallback', 'Runner', 'BatchSum', 'n_correct', 'AvgStats', 'format_stats',
-           'print_stats', 'AvgStatsCallback', 'get_runner', 'default_device', 'as_device', 'DeviceCallback',
-           'CudaCallback', 'GradientAccumulation', 'in_notebook', 'progress_shown', 'ProgressCallback',
-           'InvariantsCallback']
+           'CancelTrain', 'TrainEvalCallback', 'Runner', 'format_stats', 'print_stats', 'AvgStatsCallback',
+           'get_runner', 'GradientAccumulation', 'BatchSum', 'n_correct', 'AvgStats', 'default_device', 'as_device',
+           'DeviceCallback', 'CudaCallback', 'in_notebook', 'progress_shown', 'ProgressCallback', 'InvariantsCallback']
 
 # %% ../nbs/04_callbacks.ipynb #da2dedf5
 import difflib, math, re
 
 import torch
+from fastcore.basics import patch
 from torch import nn
 
-from .training import SGD, accuracy, get_mlp
+from .training import SGD, _check_rows, accuracy, get_mlp
 
 # %% ../nbs/04_callbacks.ipynb #d914b29d
 class DataBunch:
@@ -83,15 +83,6 @@ def listify(o)->list:
 class Callback:
     "Base class of callbacks: sorted by `_order`; unknown public attributes are read from the runner; `fast_path` tells a compiled batch body how its in-batch handlers may run."
     _order = 0
-    # How a compiled batch body (lesson9.fast) may run this callback's handlers for the in-batch events
-    # after_pred, after_loss, after_backward and after_step (other events always run as Python):
-    # 'eager': they need Python at that moment (they may change the loss, the gradients or the flow, or read
-    #          a value on the host): with such a callback the batches run eagerly.
-    # 'after': they only read xb, yb, pred, loss and the param groups: they may run right after the compiled step.
-    # 'graph': pure tensor ops on xb, yb, pred, loss into tensors the callback made before the fit's first batch and
-    #          keeps (reset in place), with no host read, no Python state and no exception: they may be traced into
-    #          the compiled step.
-    fast_path = 'eager'
     run = None  # on the class, so reading `self.run` can never recurse into __getattr__
 
     def set_runner(self, run):
@@ -109,12 +100,6 @@ class Callback:
         if run is not None and not k.startswith('_'): return getattr(run, k)
         where = 'it is not attached to a runner' if run is None else 'private names are not forwarded to the runner'
         raise AttributeError(f"{type(self).__name__} has no attribute {k!r} ({where})")
-
-    def __getstate__(self):
-        "Copies and pickles keep the callback's settings and leave the runner behind."
-        state = self.__dict__.copy()
-        state.pop('run', None)
-        return state
 
 # %% ../nbs/04_callbacks.ipynb #c59949c9
 EVENTS = ('begin_fit', 'begin_epoch', 'begin_batch', 'after_pred', 'after_loss', 'after_backward',
@@ -201,54 +186,7 @@ class Runner:
         self._resume = None
         cbs = listify(cbs) + [f() for f in listify(cb_funcs)]
         if not any(isinstance(cb, TrainEvalCallback) for cb in cbs): cbs = [TrainEvalCallback()] + cbs
-        self.add_cbs(cbs)
-
-    # what the learner holds, read through the runner so callbacks can say self.model
-    @property
-    def model(self):
-        "The learner's model."
-        return self._learner().model
-    @property
-    def opt(self):
-        "The learner's optimizer."
-        return self._learner().opt
-    @property
-    def loss_func(self):
-        "The learner's loss function."
-        return self._learner().loss_func
-    @property
-    def data(self):
-        "The learner's `DataBunch`."
-        return self._learner().data
-
-    def _learner(self):
-        if self.learn is None: raise AttributeError("the runner is not fitting: it has no learner (call fit(epochs, learn))")
-        return self.learn
-
-    def add_cbs(self, cbs):
-        "Add callbacks (instances): checked for misspelt events, attached, sorted by `_order`, and set as `self.<name>`."
-        for cb in listify(cbs):
-            if not isinstance(cb, Callback): raise TypeError(f"callbacks must be Callback instances, got {cb!r}")
-            _check_event_names(cb)
-            if hasattr(type(self), cb.name) or (cb.name in self.__dict__ and not isinstance(self.__dict__[cb.name], Callback)):
-                raise ValueError(f"callback name {cb.name!r} would hide the runner's own attribute; rename {type(cb).__name__}")
-            cb.set_runner(self)
-            setattr(self, cb.name, cb)
-            self.cbs.append(cb)
-        self.cbs.sort(key=lambda cb: cb._order)  # stable: equal orders keep the order they were added in
-        self._build_handlers()
-
-    def remove_cbs(self, cbs):
-        "Remove callbacks (the same instances) and detach them."
-        for cb in listify(cbs):
-            self.cbs.remove(cb)
-            if self.__dict__.get(cb.name) is cb: delattr(self, cb.name)
-            cb.run = None
-        self._build_handlers()
-
-    def _build_handlers(self):
-        "For each event, the bound methods of the callbacks that implement it, in `_order`."
-        self._handlers = {e: [h for cb in self.cbs if (h := _handler(cb, e)) is not None] for e in EVENTS}
+        self.add_cbs(cbs)  # checked, attached and sorted: see the cell after this class
 
     def __call__(self, event:str):
         "Fire `event`: call every callback's method for it, in `_order`."
@@ -276,17 +214,9 @@ class Runner:
                 body()
             except cancel: self(on_cancel)
         except BaseException as e:
-            if level == 'fit': self._after_fit_on_error(e)
+            if level == 'fit': self._after_fit_on_error(e)  # under the hood, "When a fit fails"
             raise
         self(after)
-
-    def _after_fit_on_error(self, err):
-        "Fire `after_fit` with `self.error` set to `err`; an error in it is noted on `err`, which stays the one raised."
-        self.error = err
-        try: self('after_fit')
-        except Exception as e2:
-            if hasattr(err, 'add_note'): err.add_note(f"after_fit also failed: {type(e2).__name__}: {e2}")
-        finally: self.error = None
 
     def one_batch(self, xb, yb):
         "Run one batch: predict, compute the loss and, in training, backward, step and zero the gradients."
@@ -309,14 +239,11 @@ class Runner:
     def all_batches(self, dl, start:int=0):
         "Run the batches of `dl` from batch `start` (0: all of them), setting `dl`, `iters` and `iter`."
         self.dl, self.iters = dl, len(dl)
-        if start >= self.iters: return  # a phase that was already complete when the run was saved
-        for self.iter, (xb, yb) in enumerate(_batches_from(dl, start), start): self.one_batch(xb, yb)
+        batches = iter(dl) if start == 0 else _batches_from(dl, start)  # start > 0 only when resuming
+        for self.iter, (xb, yb) in enumerate(batches, start): self.one_batch(xb, yb)
 
     def _do_epoch(self):
-        skip_train = skip_valid = 0
-        if self._resume is not None:  # carrying on inside this epoch, whose begin_epoch has just run again
-            r = self._load_resume()
-            skip_train, skip_valid = (r['iter'], 0) if r['in_train'] else (len(self.data.train_dl), r['iter'])
+        skip_train, skip_valid = (0, 0) if self._resume is None else self._resume_epoch()  # batches already done
         self.all_batches(self.data.train_dl, skip_train)
         if self.data.valid_dl is None: return
         self.in_train = False
@@ -325,53 +252,17 @@ class Runner:
             self.all_batches(self.data.valid_dl, skip_valid)
 
     def _do_fit(self):
-        start = 0
-        if self._resume is not None:
-            start = self._resume['epoch']
-            if self._resume['iter'] == 0 and self._resume['in_train']: self._load_resume()  # saved between epochs
+        start = 0 if self._resume is None else self._resume_start()  # the epoch to carry on from
         for self.epoch in range(start, self.epochs):
             self.in_train = True
             self._with_events(self._do_epoch, 'epoch')
-
-    def state_dict(self)->dict:
-        """Where the loop is and what its callbacks hold: the next batch to run (`epoch`, `in_train`, `iter`),
-        the counters, and the `state_dict()` of every callback whose class defines one. Call it at
-        `after_batch` or `after_epoch`; `fit(..., resume=state)` carries on from there."""
-        if self.event == 'after_batch': nxt = dict(epoch=self.epoch, in_train=self.in_train, iter=self.iter + 1)
-        elif self.event == 'after_epoch': nxt = dict(epoch=self.epoch + 1, in_train=True, iter=0)
-        else: raise ValueError(f"a runner's state can be saved at after_batch or after_epoch, not at {self.event!r}")
-        cbs = {}
-        for cb in self.cbs:
-            if _own(cb, 'state_dict') is None: continue
-            if cb.name in cbs: raise ValueError(f"two callbacks named {cb.name!r} hold state: rename one")
-            cbs[cb.name] = cb.state_dict()
-        return dict(nxt, epochs=self.epochs, n_iter=self.n_iter, n_epochs=self.n_epochs, pos=self.pos, cbs=cbs)
-
-    def _load_resume(self)->dict:
-        "Apply the state given to `fit(resume=)`: the counters and every callback's state."
-        r, self._resume = self._resume, None
-        self.n_iter, self.n_epochs, self.pos = r['n_iter'], r['n_epochs'], r['pos']
-        mine = {cb.name: cb for cb in self.cbs if _own(cb, 'load_state_dict') is not None}
-        if set(mine) != set(r['cbs']):
-            raise ValueError(f"the saved state is for callbacks with state {sorted(r['cbs'])}, but this runner's "
-                             f"are {sorted(mine)}: resume with the same callbacks")
-        for k, cb in mine.items(): cb.load_state_dict(r['cbs'][k])
-        return r
 
     def fit(self, epochs:int, # number of passes over the training data
             learn:Learner, # what to train
             resume:dict=None # a `state_dict()` saved during an earlier fit of this learner: carry on from there
            ):
         "Train `learn` for `epochs` epochs, firing the events to the callbacks; a fit that raises leaves no gradients behind."
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
-        missing = [k for k in ('model', 'opt', 'loss_func', 'data') if not hasattr(learn, k)]
-        if missing: raise TypeError(f"learn must have model, opt, loss_func and data; {learn!r} lacks {missing}")
-        if resume is not None: _check_resume(resume, epochs)
-        self.epochs, self.learn, self.epoch, self.iter, self.error = epochs, learn, 0, 0, None
-        self._resume = resume
-        for cb in self.cbs: _check_event_names(cb); cb.set_runner(self)
-        self._build_handlers()  # callbacks may have gained methods since they were added
+        self._setup_fit(epochs, learn, resume)  # checks the arguments and attaches the callbacks: the next cell
         try: self._with_events(self._do_fit, 'fit')
         except BaseException:
             learn.opt.zero_grad()  # the failed batch's gradients must not reach the next fit's first step
@@ -380,21 +271,183 @@ class Runner:
             self.learn = self.dl = self.xb = self.yb = self.pred = self.loss = self.loss_grad = self._resume = None
             self.in_train = False
 
-def _batches_from(dl, start):
-    "`iter(dl)`, or the rest of its latest epoch from batch `start` for a loader that can continue one."
-    if start == 0: return iter(dl)
-    if not callable(getattr(dl, 'iter_from', None)):
-        raise ValueError(f"{type(dl).__name__} cannot continue an epoch from batch {start} (it has no iter_from): "
-                         "resume from an epoch end, or use lesson9.training.DataLoader")
-    return dl.iter_from(start)
+# %% ../nbs/04_callbacks.ipynb #5f5423b3
+# what the learner holds, read through the runner so callbacks can say self.model
+@patch(as_prop=True)
+def model(self:Runner):
+    "The learner's model."
+    return self._learner().model
 
-def _check_resume(r, epochs):
-    "Raise unless `r` looks like a `Runner.state_dict()` of a fit of `epochs` epochs."
-    keys = {'epoch', 'in_train', 'iter', 'epochs', 'n_iter', 'n_epochs', 'pos', 'cbs'}
-    if not isinstance(r, dict) or not keys <= set(r):
-        raise ValueError(f"resume must be a Runner.state_dict(); missing {sorted(keys - set(r)) if isinstance(r, dict) else r!r}")
-    if r['epochs'] != epochs: raise ValueError(f"the saved run is a fit of {r['epochs']} epochs, not {epochs}: resume it with epochs={r['epochs']}")
-    if not 0 <= r['epoch'] <= epochs: raise ValueError(f"the saved position, epoch {r['epoch']}, is outside 0..{epochs}")
+@patch(as_prop=True)
+def opt(self:Runner):
+    "The learner's optimizer."
+    return self._learner().opt
+
+@patch(as_prop=True)
+def loss_func(self:Runner):
+    "The learner's loss function."
+    return self._learner().loss_func
+
+@patch(as_prop=True)
+def data(self:Runner):
+    "The learner's `DataBunch`."
+    return self._learner().data
+
+@patch
+def _learner(self:Runner):
+    if self.learn is None: raise AttributeError("the runner is not fitting: it has no learner (call fit(epochs, learn))")
+    return self.learn
+
+@patch
+def add_cbs(self:Runner, cbs):
+    "Add callbacks (instances): checked for misspelt events, attached, sorted by `_order`, and set as `self.<name>`."
+    for cb in listify(cbs):
+        if not isinstance(cb, Callback): raise TypeError(f"callbacks must be Callback instances, got {cb!r}")
+        _check_event_names(cb)
+        if hasattr(type(self), cb.name) or (cb.name in self.__dict__ and not isinstance(self.__dict__[cb.name], Callback)):
+            raise ValueError(f"callback name {cb.name!r} would hide the runner's own attribute; rename {type(cb).__name__}")
+        cb.set_runner(self)
+        setattr(self, cb.name, cb)
+        self.cbs.append(cb)
+    self.cbs.sort(key=lambda cb: cb._order)  # stable: equal orders keep the order they were added in
+    self._build_handlers()
+
+@patch
+def _build_handlers(self:Runner):
+    "For each event, the bound methods of the callbacks that implement it, in `_order`."
+    self._handlers = {e: [h for cb in self.cbs if (h := _handler(cb, e)) is not None] for e in EVENTS}
+
+@patch
+def _setup_fit(self:Runner, epochs, learn, resume):
+    "Check `fit`'s arguments; set the fit's state; attach the callbacks again (they may have changed since they were added)."
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
+    missing = [k for k in ('model', 'opt', 'loss_func', 'data') if not hasattr(learn, k)]
+    if missing: raise TypeError(f"learn must have model, opt, loss_func and data; {learn!r} lacks {missing}")
+    for k, what in (('train_dl', 'training'), ('valid_dl', 'validation')):  # empty: a fit of no batches, stats of NaN
+        dl = getattr(learn.data, k, None)
+        if epochs and dl is not None and hasattr(dl, '__len__') and len(dl) == 0:
+            raise ValueError(f"the {what} data loader ({k}) is empty: it has no batch to run")
+    if resume is not None: _check_resume(resume, epochs)  # under the hood, "Saving where the loop is"
+    self.epochs, self.learn, self.epoch, self.iter, self.error = epochs, learn, 0, 0, None
+    self._resume = resume
+    for cb in self.cbs: _check_event_names(cb); cb.set_runner(self)
+    self._build_handlers()  # callbacks may have gained methods since they were added
+
+# %% ../nbs/04_callbacks.ipynb #ba6cdbf8
+def format_stats(record:dict # one epoch's record from `AvgStatsCallback`
+                )->str:
+    "One line per epoch: `epoch 1 | train loss 0.4137 accuracy 0.8786 | valid loss ...`."
+    parts = [f"epoch {record['epoch']}"]
+    for phase in ('train', 'valid'):
+        vals = [f"{k[len(phase)+1:]} {v:.4f}" for k, v in record.items() if k.startswith(phase + '_')]
+        if vals: parts.append(f"{phase} " + ' '.join(vals))
+    return ' | '.join(parts)
+
+def print_stats(record:dict # one epoch's record from `AvgStatsCallback`
+               ):
+    "Print `format_stats(record)`."
+    print(format_stats(record))
+
+# %% ../nbs/04_callbacks.ipynb #1f228aa6
+class AvgStatsCallback(Callback):
+    "Sample-weighted train and valid means of the loss and `metrics`; one record per epoch in `history`, passed to `report`."
+    def __init__(self, metrics=(), # functions m(pred, yb) -> batch mean, as a list or a {name: function} dict
+                 report=print_stats, # called with each epoch's record (a dict of Python numbers); None: silent
+                 train_metrics:bool=True # also compute the metrics on training batches (False: only the loss there)
+                ):
+        self.train_stats = AvgStats(metrics if train_metrics else {}, True)
+        self.valid_stats = AvgStats(metrics, False)
+        self.report, self.history = report, []
+
+    def begin_fit(self): self.history = []
+
+    def begin_epoch(self):
+        self.train_stats.reset(); self.valid_stats.reset()
+
+    def after_loss(self):
+        run = self.run
+        (self.train_stats if run.in_train else self.valid_stats).accumulate(run.loss, run.pred, run.yb)
+
+    def after_epoch(self):
+        record = {'epoch': self.run.epoch + 1, **self.train_stats.as_dict(), **self.valid_stats.as_dict()}
+        self.history.append(record)
+        if self.report is not None: self.report(record)
+
+# %% ../nbs/04_callbacks.ipynb #6ba8ddf9
+def get_runner(cbs=None, # more callback instances
+               cb_funcs=None, # more callback factories
+               metrics={'acc': accuracy}, # metrics for `AvgStatsCallback`, named as in 03's `fit` records
+               report=print_stats # per-epoch report function; None: silent
+              )->Runner:
+    "A `Runner` with `TrainEvalCallback`, `AvgStatsCallback(metrics, report)` and `cbs`."
+    return Runner([AvgStatsCallback(metrics, report)] + listify(cbs), cb_funcs)
+
+# %% ../nbs/04_callbacks.ipynb #a2875f3a
+class GradientAccumulation(Callback):
+    "Step every `n` backpropagated training batches, with gradients equal to one step on their concatenation (windows end with the epoch)."
+    def __init__(self, n:int # batches per optimizer step
+                ):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"n must be an int >= 1, got {n!r}")
+        self.n = n
+        self.samples = self.batches = 0
+
+    def begin_epoch(self):
+        self.samples = self.batches = 0
+        self.run.opt.zero_grad()  # nothing left over from a cancelled window
+
+    def after_loss(self):
+        run = self.run
+        # sum over the batch's samples; divided by the window's count at the step
+        if run.in_train: run.loss_grad = run.loss_grad * len(run.yb)
+
+    def after_backward(self):
+        run = self.run
+        # counted here, once its gradient has been added: a batch cancelled before its backward adds nothing
+        self.samples += len(run.yb); self.batches += 1
+        if self.batches < self.n and run.iter < run.iters - 1: raise CancelBatch()
+        for g in run.opt.param_groups:
+            for p in g['params']:
+                if p.grad is not None: p.grad.div_(self.samples)
+        self.samples = self.batches = 0
+
+# %% ../nbs/04_callbacks.ipynb #79be04ad
+@patch
+def _after_fit_on_error(self:Runner, err):
+    "Fire `after_fit` with `self.error` set to `err`; an error in it is noted on `err`, which stays the one raised."
+    self.error = err
+    try: self('after_fit')
+    except Exception as e2:
+        if hasattr(err, 'add_note'): err.add_note(f"after_fit also failed: {type(e2).__name__}: {e2}")
+    finally: self.error = None
+
+# %% ../nbs/04_callbacks.ipynb #5c3734b2
+@patch
+def __getstate__(self:Callback):
+    "Copies and pickles keep the callback's settings and leave the runner behind."
+    state = self.__dict__.copy()
+    state.pop('run', None)
+    return state
+
+@patch
+def remove_cbs(self:Runner, cbs):
+    "Remove callbacks (the same instances) and detach them."
+    for cb in listify(cbs):
+        self.cbs.remove(cb)
+        if self.__dict__.get(cb.name) is cb: delattr(self, cb.name)
+        cb.run = None
+    self._build_handlers()
+
+# %% ../nbs/04_callbacks.ipynb #07d0841d
+# How a compiled batch body (lesson9.fast) may run this callback's handlers for the in-batch events
+# after_pred, after_loss, after_backward and after_step (other events always run as Python):
+# 'eager': they need Python at that moment (they may change the loss, the gradients or the flow, or read
+#          a value on the host): with such a callback the batches run eagerly.
+# 'after': they only read xb, yb, pred, loss and the param groups: they may run right after the compiled step.
+# 'graph': pure tensor ops on xb, yb, pred, loss into tensors the callback made before the fit's first batch and
+#          keeps (reset in place), with no host read, no Python state and no exception: they may be traced into
+#          the compiled step.
+Callback.fast_path = 'eager'
 
 # %% ../nbs/04_callbacks.ipynb #bffb4e7d
 def _metric_names(metrics):
@@ -420,6 +473,7 @@ def n_correct(out:torch.Tensor, # (n, n_classes) scores
               yb:torch.Tensor # (n,) integer labels
              )->torch.Tensor:
     "Number of rows of `out` whose largest score is at the label in `yb`, as a 0-d int64 tensor."
+    _check_rows(out, yb, 'out')  # shapes and dtype only: one-hot targets would broadcast into a count above n
     return (out.argmax(dim=1) == yb).sum()
 
 # metrics whose batch mean `AvgStats` replaces by a batch sum with the same epoch mean: fewer tensor ops per batch
@@ -488,78 +542,6 @@ class AvgStats:
     def __repr__(self):
         return f"{'train' if self.in_train else 'valid'}: " + ' '.join(f"{k.split('_', 1)[1]} {v:.4f}" for k, v in self.as_dict().items())
 
-    def state_dict(self)->dict:
-        "The running sums (copies) and the sample count, to continue the phase after a restart."
-        return {'count': self.count, 'sums': None if self.sums is None else [s.detach().clone() for s in self.sums]}
-
-    def load_state_dict(self, sd:dict # from `state_dict()` of stats with the same metrics
-                       ):
-        "Continue from saved sums and count."
-        sums = sd['sums']
-        if sums is not None and len(sums) != 1 + len(self.metrics):
-            raise ValueError(f"the saved stats have {len(sums) - 1} metrics, these have {len(self.metrics)} ({', '.join(self.metrics)})")
-        self.count, self.sums = sd['count'], None if sums is None else [s.clone() for s in sums]
-
-# %% ../nbs/04_callbacks.ipynb #ba6cdbf8
-def format_stats(record:dict # one epoch's record from `AvgStatsCallback`
-                )->str:
-    "One line per epoch: `epoch 1 | train loss 0.4137 accuracy 0.8786 | valid loss ...`."
-    parts = [f"epoch {record['epoch']}"]
-    for phase in ('train', 'valid'):
-        vals = [f"{k[len(phase)+1:]} {v:.4f}" for k, v in record.items() if k.startswith(phase + '_')]
-        if vals: parts.append(f"{phase} " + ' '.join(vals))
-    return ' | '.join(parts)
-
-def print_stats(record:dict # one epoch's record from `AvgStatsCallback`
-               ):
-    "Print `format_stats(record)`."
-    print(format_stats(record))
-
-# %% ../nbs/04_callbacks.ipynb #1f228aa6
-class AvgStatsCallback(Callback):
-    "Sample-weighted train and valid means of the loss and `metrics`; one record per epoch in `history`, passed to `report`."
-    def __init__(self, metrics=(), # functions m(pred, yb) -> batch mean, as a list or a {name: function} dict
-                 report=print_stats, # called with each epoch's record (a dict of Python numbers); None: silent
-                 train_metrics:bool=True # also compute the metrics on training batches (False: only the loss there)
-                ):
-        self.train_stats = AvgStats(metrics if train_metrics else {}, True)
-        self.valid_stats = AvgStats(metrics, False)
-        self.report, self.history = report, []
-
-    def begin_fit(self): self.history = []
-
-    def begin_epoch(self):
-        self.train_stats.reset(); self.valid_stats.reset()
-
-    def after_loss(self):
-        run = self.run
-        (self.train_stats if run.in_train else self.valid_stats).accumulate(run.loss, run.pred, run.yb)
-
-    def after_epoch(self):
-        record = {'epoch': self.run.epoch + 1, **self.train_stats.as_dict(), **self.valid_stats.as_dict()}
-        self.history.append(record)
-        if self.report is not None: self.report(record)
-
-    def state_dict(self)->dict:
-        "Both phases' running sums and the history so far."
-        return {'train': self.train_stats.state_dict(), 'valid': self.valid_stats.state_dict(),
-                'history': [dict(r) for r in self.history]}
-
-    def load_state_dict(self, sd:dict # from `state_dict()`
-                       ):
-        "Continue from saved sums and history."
-        self.train_stats.load_state_dict(sd['train']); self.valid_stats.load_state_dict(sd['valid'])
-        self.history = [dict(r) for r in sd['history']]
-
-# %% ../nbs/04_callbacks.ipynb #6ba8ddf9
-def get_runner(cbs=None, # more callback instances
-               cb_funcs=None, # more callback factories
-               metrics={'acc': accuracy}, # metrics for `AvgStatsCallback`, named as in 03's `fit` records
-               report=print_stats # per-epoch report function; None: silent
-              )->Runner:
-    "A `Runner` with `TrainEvalCallback`, `AvgStatsCallback(metrics, report)` and `cbs`."
-    return Runner([AvgStatsCallback(metrics, report)] + listify(cbs), cb_funcs)
-
 # %% ../nbs/04_callbacks.ipynb #96a48b1c
 def default_device()->torch.device:
     "CUDA if this machine has it, else the CPU."
@@ -602,49 +584,6 @@ class DeviceCallback(Callback):
 class CudaCallback(DeviceCallback):
     "`DeviceCallback` for the (first) CUDA device, the callback the lesson announced."
     def __init__(self): super().__init__('cuda')
-
-# %% ../nbs/04_callbacks.ipynb #a2875f3a
-class GradientAccumulation(Callback):
-    "Step every `n` backpropagated training batches, with gradients equal to one step on their concatenation (windows end with the epoch)."
-    def __init__(self, n:int # batches per optimizer step
-                ):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"n must be an int >= 1, got {n!r}")
-        self.n = n
-        self.samples = self.batches = 0
-
-    def begin_epoch(self):
-        self.samples = self.batches = 0
-        self.run.opt.zero_grad()  # nothing left over from a cancelled window
-
-    def after_loss(self):
-        run = self.run
-        # sum over the batch's samples; divided by the window's count at the step
-        if run.in_train: run.loss_grad = run.loss_grad * len(run.yb)
-
-    def after_backward(self):
-        run = self.run
-        # counted here, once its gradient has been added: a batch cancelled before its backward adds nothing
-        self.samples += len(run.yb); self.batches += 1
-        if self.batches < self.n and run.iter < run.iters - 1: raise CancelBatch()
-        for g in run.opt.param_groups:
-            for p in g['params']:
-                if p.grad is not None: p.grad.div_(self.samples)
-        self.samples = self.batches = 0
-
-    def _params(self): return [p for g in self.run.opt.param_groups for p in g['params']]
-
-    def state_dict(self)->dict:
-        "The open window: its counts and the gradients added up so far."
-        return {'samples': self.samples, 'batches': self.batches,
-                'grads': [None if p.grad is None else p.grad.detach().clone() for p in self._params()]}
-
-    def load_state_dict(self, sd:dict # from `state_dict()`, with the same parameters
-                       ):
-        "Reopen a saved window: its counts and gradients."
-        ps = self._params()
-        if len(sd['grads']) != len(ps): raise ValueError(f"the saved window has gradients for {len(sd['grads'])} parameters, this optimizer has {len(ps)}")
-        for p, g in zip(ps, sd['grads']): p.grad = None if g is None else g.to(p.device, p.dtype).clone()
-        self.samples, self.batches = sd['samples'], sd['batches']
 
 # %% ../nbs/04_callbacks.ipynb #bc1aaba0
 def in_notebook()->bool:
@@ -767,3 +706,124 @@ class InvariantsCallback(Callback):
     def after_cancel_batch(self): self._check('after_cancel_batch')
     def after_cancel_epoch(self): self._check('after_cancel_epoch')
     def after_cancel_train(self): self._check('after_cancel_train')
+
+# %% ../nbs/04_callbacks.ipynb #646fc119
+@patch
+def state_dict(self:Runner)->dict:
+    """Where the loop is and what its callbacks hold: the next batch to run (`epoch`, `in_train`, `iter`),
+    the counters, and the `state_dict()` of every callback whose class defines one. Call it at
+    `after_batch` or `after_epoch`; `fit(..., resume=state)` carries on from there."""
+    if self.event == 'after_batch': nxt = dict(epoch=self.epoch, in_train=self.in_train, iter=self.iter + 1)
+    elif self.event == 'after_epoch': nxt = dict(epoch=self.epoch + 1, in_train=True, iter=0)
+    else: raise ValueError(f"a runner's state can be saved at after_batch or after_epoch, not at {self.event!r}")
+    cbs = {}
+    for cb in self.cbs:
+        if _own(cb, 'state_dict') is None: continue
+        if cb.name in cbs: raise ValueError(f"two callbacks named {cb.name!r} hold state: rename one")
+        cbs[cb.name] = cb.state_dict()
+    return dict(nxt, epochs=self.epochs, n_iter=self.n_iter, n_epochs=self.n_epochs, pos=self.pos, cbs=cbs)
+
+@patch
+def _load_resume(self:Runner)->dict:
+    "Apply the state given to `fit(resume=)`: the counters and every callback's state."
+    r, self._resume = self._resume, None
+    self.n_iter, self.n_epochs, self.pos = r['n_iter'], r['n_epochs'], r['pos']
+    mine = {cb.name: cb for cb in self.cbs if _own(cb, 'load_state_dict') is not None}
+    if set(mine) != set(r['cbs']):
+        raise ValueError(f"the saved state is for callbacks with state {sorted(r['cbs'])}, but this runner's "
+                         f"are {sorted(mine)}: resume with the same callbacks")
+    for k, cb in mine.items(): cb.load_state_dict(r['cbs'][k])
+    return r
+
+@patch
+def _resume_start(self:Runner)->int:
+    "The epoch `fit(resume=)` carries on from; a state saved between epochs is loaded now, one saved inside an epoch by `_resume_epoch`."
+    r = self._resume
+    if r['iter'] == 0 and r['in_train']: self._load_resume()  # saved between epochs
+    return r['epoch']
+
+@patch
+def _resume_epoch(self:Runner)->tuple:
+    "Load the saved state in the epoch it was saved in (whose begin_epoch has just run again); the (training, validation) batches to skip."
+    r = self._load_resume()
+    return (r['iter'], 0) if r['in_train'] else (len(self.data.train_dl), r['iter'])
+
+def _batches_from(dl, start):
+    "`iter(dl)`, or the rest of its latest epoch from batch `start` for a loader that can continue one."
+    if start == 0: return iter(dl)
+    if start >= len(dl): return iter(())  # a phase that was already complete when the run was saved
+    if not callable(getattr(dl, 'iter_from', None)):
+        raise ValueError(f"{type(dl).__name__} cannot continue an epoch from batch {start} (it has no iter_from): "
+                         "resume from an epoch end, or use lesson9.training.DataLoader")
+    return dl.iter_from(start)
+
+def _check_resume(r, epochs):
+    "Raise unless `r` looks like a `Runner.state_dict()` of a fit of `epochs` epochs."
+    keys = {'epoch', 'in_train', 'iter', 'epochs', 'n_iter', 'n_epochs', 'pos', 'cbs'}
+    if not isinstance(r, dict) or not keys <= set(r):
+        raise ValueError(f"resume must be a Runner.state_dict(); missing {sorted(keys - set(r)) if isinstance(r, dict) else r!r}")
+    kinds = dict(epoch=int, iter=int, epochs=int, n_iter=int, in_train=bool, n_epochs=(int, float), pos=(int, float), cbs=dict)
+    for k, t in kinds.items():
+        v = r[k]
+        if not isinstance(v, t) or (t is int and isinstance(v, bool)) or (t is not bool and t is not dict and not v >= 0):
+            raise ValueError(f"the saved state's {k} must be {'a dict' if t is dict else 'True or False' if t is bool else 'a number >= 0'}, got {v!r}")
+    if r['epochs'] != epochs: raise ValueError(f"the saved run is a fit of {r['epochs']} epochs, not {epochs}: resume it with epochs={r['epochs']}")
+    if not 0 <= r['epoch'] <= epochs: raise ValueError(f"the saved position, epoch {r['epoch']}, is outside 0..{epochs}")
+    if not r['pos'] <= 1: raise ValueError(f"the saved position pos={r['pos']!r} is outside [0, 1]")
+
+# %% ../nbs/04_callbacks.ipynb #9692dc83
+@patch
+def state_dict(self:AvgStats)->dict:
+    "The running sums (copies) and the sample count, to continue the phase after a restart."
+    return {'count': self.count, 'sums': None if self.sums is None else [s.detach().clone() for s in self.sums]}
+
+@patch
+def load_state_dict(self:AvgStats, sd:dict # from `state_dict()` of stats with the same metrics
+                   ):
+    "Continue from saved sums and count."
+    sums = sd['sums']
+    if sums is not None and len(sums) != 1 + len(self.metrics):
+        raise ValueError(f"the saved stats have {len(sums) - 1} metrics, these have {len(self.metrics)} ({', '.join(self.metrics)})")
+    self.count, self.sums = sd['count'], None if sums is None else [s.clone() for s in sums]
+
+@patch
+def state_dict(self:AvgStatsCallback)->dict:
+    "Both phases' running sums and the history so far."
+    return {'train': self.train_stats.state_dict(), 'valid': self.valid_stats.state_dict(),
+            'history': [dict(r) for r in self.history]}
+
+@patch
+def load_state_dict(self:AvgStatsCallback, sd:dict # from `state_dict()`
+                   ):
+    "Continue from saved sums and history."
+    self.train_stats.load_state_dict(sd['train']); self.valid_stats.load_state_dict(sd['valid'])
+    self.history = [dict(r) for r in sd['history']]
+
+@patch
+def _params(self:GradientAccumulation): return [p for g in self.run.opt.param_groups for p in g['params']]
+
+@patch
+def state_dict(self:GradientAccumulation)->dict:
+    "The open window: its counts and the gradients added up so far."
+    return {'samples': self.samples, 'batches': self.batches,
+            'grads': [None if p.grad is None else p.grad.detach().clone() for p in self._params()]}
+
+@patch
+def load_state_dict(self:GradientAccumulation, sd:dict # from `state_dict()`, with the same parameters
+                   ):
+    "Reopen a saved window: its counts and gradients."
+    ps = self._params()
+    if len(sd['grads']) != len(ps): raise ValueError(f"the saved window has gradients for {len(sd['grads'])} parameters, this optimizer has {len(ps)}")
+    for p, g in zip(ps, sd['grads']): p.grad = None if g is None else g.to(p.device, p.dtype).clone()
+    self.samples, self.batches = sd['samples'], sd['batches']
+
+@patch
+def state_dict(self:InvariantsCallback)->dict:
+    "The training batches it has counted (the current one too, when saved in an `after_batch` it has not checked yet): a resumed fit checks the counters against them."
+    run = self.run
+    pending = run.event == 'after_batch' and run.in_train and self.events[-1:] != ['after_batch']  # it runs last (_order 1000)
+    return {'n_train': self.n_train + pending}
+
+@patch
+def load_state_dict(self:InvariantsCallback, sd:dict # from `state_dict()`
+                   ): self.n_train = sd['n_train']

@@ -8,13 +8,13 @@ __all__ = ['CHECKPOINT_FORMAT', 'training_state', 'save_checkpoint', 'Checkpoint
            'RunFolder']
 
 # %% ../nbs/06_checkpoint.ipynb #070cd761
-import errno, fcntl, hashlib, io, json, math, os, shutil, signal, tempfile
+import contextlib, errno, fcntl, hashlib, io, json, math, os, shutil, signal, tempfile, zipfile
 from pathlib import Path
 
 import torch
 
 from .anneal import _rng_state, _set_rng_state  # torch's random state, as lr_find saves it
-from .callbacks import Callback, CancelTrain
+from .callbacks import Callback, CancelTrain, _check_resume
 from .data import atomic_write
 
 # %% ../nbs/06_checkpoint.ipynb #aff65612
@@ -49,62 +49,95 @@ def save_checkpoint(path, # the file to write (atomically: a crash leaves the pr
                    )->dict:
     "Save `training_state(run, extra)` to `path`; returns what it saved."
     state = training_state(run, extra)
-    atomic_write(path, lambda f: torch.save(state, f))
+    buf = io.BytesIO(); torch.save(state, buf)  # serialised first: a full disk then fails as an OSError (ENOSPC), not inside torch's writer
+    atomic_write(path, lambda f: f.write(buf.getbuffer()))
     return state
 
 # %% ../nbs/06_checkpoint.ipynb #4bbc3277
 class CheckpointError(ValueError):
     "A checkpoint is missing, unreadable, or does not fit what it is loaded into; the message names the file."
 
+_PARTS = {'model': dict, 'opt': dict, 'runner': dict, 'loaders': dict, 'rng': dict, 'extra': dict}  # what a checkpoint holds
+
 def read_checkpoint(path # a file written by `save_checkpoint`
                    )->dict:
-    "The saved state, read with `torch.load(weights_only=True)`: tensors and plain values only, nothing arbitrary unpickled."
+    "The saved state, checked whole, read with `torch.load(weights_only=True)`: tensors and plain values only, nothing arbitrary unpickled."
     path = Path(path)
     if not path.is_file(): raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with zipfile.ZipFile(path) as z: damaged = z.testzip()  # every record against the CRC-32 stored beside it
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint: {type(e).__name__}: {e}") from None
+    if damaged is not None:
+        raise CheckpointError(f"{path} is damaged: its record {damaged!r} no longer matches the checksum written with it")
     try: state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e: raise CheckpointError(f"{path} is not a readable checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     if not isinstance(state, dict) or state.get('format') != CHECKPOINT_FORMAT:
         got = state.get('format') if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not a lesson9 checkpoint of format {CHECKPOINT_FORMAT} (found {got!r})")
+    bad = [f"{k} ({'missing' if k not in state else type(state[k]).__name__})" for k, t in _PARTS.items() if not isinstance(state.get(k), t)]
+    if bad: raise CheckpointError(f"{path} is not a whole checkpoint: expected dicts for {', '.join(bad)}")
     return state
+
+def _check_fits(state:dict, model):
+    "Raise `ValueError` naming the first part of `state` that `model` cannot take as it is: a key, a dtype, a shape, the random state, the runner's position."
+    mine, saved = model.state_dict(), state['model']
+    missing, extra = [k for k in mine if k not in saved], [k for k in saved if k not in mine]
+    if missing or extra: raise ValueError(f"the model's keys differ: missing {missing}, unexpected {extra}")
+    for k, t in mine.items():
+        v = saved[k]
+        if not isinstance(v, torch.Tensor) or v.dtype != t.dtype or v.shape != t.shape:
+            raise ValueError(f"model weight {k!r} is {getattr(v, 'dtype', type(v).__name__)} {tuple(getattr(v, 'shape', ()))}, "
+                             f"the model's {t.dtype} {tuple(t.shape)}")
+    cpu = state['rng'].get('cpu')
+    if not (isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8 and cpu.shape == torch.get_rng_state().shape):
+        raise ValueError(f"the random state is not torch's (rng['cpu'] is {getattr(cpu, 'dtype', type(cpu).__name__)} {tuple(getattr(cpu, 'shape', ()))})")
+    r = state['runner']
+    if not isinstance(r.get('epochs'), int): raise ValueError(f"the runner's state has no number of epochs (epochs={r.get('epochs')!r})")
+    _check_resume(r, r['epochs'])
 
 def load_checkpoint(path, # a file written by `save_checkpoint`
                     learn # the `Learner` to restore: same model and optimizer classes, same data
                    )->tuple:
-    "Restore `learn`'s model, optimizer and loaders, and torch's random state; return `(runner_state, extra)` for `fit(..., resume=runner_state)`."
+    "Check that `learn` can take the saved state, then restore its model, optimizer and loaders, and torch's random state; return `(runner_state, extra)` for `fit(..., resume=runner_state)`."
     state = read_checkpoint(path)
     try:
+        _check_fits(state, learn.model)
         learn.model.load_state_dict(state['model'])
         learn.opt.load_state_dict(state['opt'])
         loaders = _loader_states(learn.data)
         if set(loaders) != set(state['loaders']):
             raise ValueError(f"the checkpoint has loader states for {sorted(state['loaders'])}, this learner's loaders {sorted(loaders)}")
         for k, sd in state['loaders'].items(): getattr(learn.data, k).load_state_dict(sd)
-    except (ValueError, RuntimeError, KeyError) as e:
+    except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
         raise CheckpointError(f"{path} does not fit this learner: {str(e).splitlines()[0]}") from None
     _set_rng_state(state['rng'])
     return state['runner'], state['extra']
 
 # %% ../nbs/06_checkpoint.ipynb #99f7de84
 class TrainingDiverged(RuntimeError):
-    "The training loss stopped being a finite number; the message says from which epoch and batch."
+    "The training loss stopped being finite, or grew past `max_ratio` times its first value; the message says at which epoch and batch."
 
 class DivergenceCallback(Callback):
-    "Stops training with `TrainingDiverged` once a training loss is not finite; the losses stay on the device and are checked every `every` batches and at each epoch end."
+    "Stops training with `TrainingDiverged` once a training loss is not finite or exceeds `max_ratio` times the fit's first; the losses stay on the device and are checked every `every` batches and at each epoch end."
     _order = 50  # before `Checkpoint`, so that a diverged epoch is never saved as one to carry on from
     fast_path = 'after'  # its after_loss only keeps a reference to the loss: 08's compiled step can run it after the step
     _chunk = 256  # pending losses are stacked into one tensor every this many batches
-    def __init__(self, every:int=None # training batches between checks (None: once per epoch)
+    def __init__(self, every:int=None, # training batches between checks (None: once per epoch)
+                 max_ratio:float=10. # a loss above this times the fit's first training loss has diverged (None: only non-finite ones)
                 ):
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"every must be None or an int >= 1, got every={every!r}")
-        self.every = every
+        if max_ratio is not None and (isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float)) or not 1 < max_ratio < math.inf):
+            raise ValueError(f"max_ratio must be None or a finite number > 1, got max_ratio={max_ratio!r}")
+        self.every, self.max_ratio = every, max_ratio
 
-    def begin_fit(self): self._first, self._pending, self._chunks = None, [], []
+    def begin_fit(self): self._first, self._pending, self._chunks, self._start = None, [], [], None
 
     def after_loss(self):
         run = self.run
         if not run.in_train: return
+        if self._start is None: self._start = run.loss.detach()  # the fit's first training loss, the yardstick
         if self._first is None: self._first = run.n_iter  # the fit's training batch the unchecked losses start at
         pending = self._pending
         pending.append(run.loss.detach())  # a reference: no device work, no sync
@@ -123,27 +156,32 @@ class DivergenceCallback(Callback):
         return torch.cat([p.to(dev) for p in parts])
 
     def _check(self):
-        "One host sync: raise if any loss since the last check is not finite."
+        "One host sync: raise if any loss since the last check is not finite, or above `max_ratio` times the first."
         losses, first = self._losses(), self._first
         self._first, self._pending, self._chunks = None, [], []
         if losses is None: return
         bad = ~torch.isfinite(losses)
+        if self.max_ratio is not None: bad |= losses > self.max_ratio * self._start.to(losses.device)
         if not bool(bad.any()): return
         i = int(bad.nonzero()[0])
         k, iters = first + i, len(self.run.data.train_dl)  # k: the fit's training batch, from 0
-        raise TrainingDiverged(f"the training loss is {losses[i].item()} at epoch {k // iters + 1}, batch {k % iters + 1} of {iters} "
-                               f"(training batch {k + 1} of the fit): training stopped; try a lower learning rate")
+        v = losses[i].item()
+        why = '' if not math.isfinite(v) else f", more than {self.max_ratio:g} times the first training loss ({self._start.item():.4g})"
+        raise TrainingDiverged(f"the training loss is {v:.6g} at epoch {k // iters + 1}, batch {k % iters + 1} of {iters} "
+                               f"(training batch {k + 1} of the fit){why}: training stopped; try a lower learning rate")
 
     def state_dict(self)->dict:
-        "The losses not yet checked."
+        "The losses not yet checked, and the first loss of the fit."
         losses = self._losses()
-        return {'first': self._first, 'losses': None if losses is None else losses.clone()}
+        return {'first': self._first, 'losses': None if losses is None else losses.clone(),
+                'start': None if self._start is None else self._start.clone()}
 
     def load_state_dict(self, sd:dict # from `state_dict()`
                        ):
-        "Check the saved losses with the next ones."
-        self._first, self._pending = sd['first'], []
+        "Check the saved losses with the next ones, against the saved first loss."
+        self._first, self._pending, self._start = sd['first'], [], sd.get('start')
         self._chunks = [] if sd['losses'] is None else [sd['losses']]
+
 
 # %% ../nbs/06_checkpoint.ipynb #1b757ca3
 class Checkpoint(Callback):
@@ -211,11 +249,12 @@ class RunFolder:
                 ):
         self.path = Path(path)
         self.work = self.path/'.lesson9'  # the lock, the running checkpoint and outputs being published
-        self._lock = None
+        self._lock, self.created = None, False
 
     def open(self):
-        "Create the folder, lock it (`RunFolderBusy` if another run holds it), and finish a publication a crash cut short."
+        "Create the folder, lock it (`RunFolderBusy` if another run holds it), and settle a publication a crash cut short."
         if self.path.exists() and not self.path.is_dir(): raise NotADirectoryError(f"{self.path} is a file, not a folder")
+        self.created = not self.work.exists()  # this open makes the private area (and the folder, if need be)
         self.work.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.work/'lock', os.O_RDWR | os.O_CREAT, 0o666)
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS if this process dies
@@ -223,14 +262,19 @@ class RunFolder:
             pid = os.read(fd, 32).decode(errors='replace').strip() or '?'
             os.close(fd)
             raise RunFolderBusy(f"{self.path} is in use by another run (pid {pid}); wait for it or choose another folder") from None
-        os.ftruncate(fd, 0); os.write(fd, str(os.getpid()).encode())
+        self._lock_was = os.read(fd, 64)  # the previous holder's pid, put back if this open is discarded
+        os.ftruncate(fd, 0); os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock = fd
-        self._roll_forward()
+        with _signals_wait(): self._recover()
         return self
 
-    def close(self):
+    def close(self, discard:bool=False # leave the folder as this `open` found it: its private area removed if it made it
+             ):
         "Release the lock."
-        if self._lock is not None: os.close(self._lock); self._lock = None
+        if self._lock is not None:
+            if discard and not self.created: os.ftruncate(self._lock, 0); os.pwrite(self._lock, self._lock_was, 0)
+            os.close(self._lock); self._lock = None
+        if discard and self.created: shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self): return self.open()
     def __exit__(self, *exc): self.close()
@@ -245,38 +289,105 @@ class RunFolder:
     def publish(self, files:dict, # name -> bytes, a function writing into an open binary file, or a Path to hard-link
                 summary:dict # written as `summary.json` with `files`: name -> sha256 added
                )->dict:
-        "Replace the folder's outputs with `files` and `summary`, all or nothing: a failure while writing leaves the previous set untouched."
+        "Replace the folder's outputs with `files` and `summary`, all or nothing: after any failure the previous set is in place, untouched."
         if self._lock is None: raise RuntimeError("open the RunFolder before publishing into it")
         names = list(files)
         for n in names + [self.manifest]:
             if Path(n).name != n or n.startswith('.'): raise ValueError(f"output names must be plain file names, got {n!r}")
         if self.manifest in files: raise ValueError(f"{self.manifest} is written by publish itself")
+        for n in names + [self.manifest]:  # what a rename cannot replace, refused before anything is written
+            p = self.path/n
+            if p.is_dir() and not p.is_symlink():
+                raise IsADirectoryError(errno.EISDIR, f"a folder is in the way of the output {n}: move it elsewhere", str(p))
         stage = Path(tempfile.mkdtemp(prefix='publish-', dir=self.work))
         try:
-            for n in names: _write_file(stage/n, files[n])
-            summary = {**summary, 'files': {n: sha256sum(stage/n) for n in names}}
-            _write_file(stage/self.manifest, strict_json(summary).encode())
+            (stage/'new').mkdir()
+            for n in names: _write_file(stage/'new'/n, files[n])
+            summary = {**summary, 'files': {n: sha256sum(stage/'new'/n) for n in names}}
+            _write_file(stage/'new'/self.manifest, strict_json(summary).encode())
             old = (self.summary() or {}).get('files', {})
-            journal = {'stage': stage.name, 'names': names + [self.manifest], 'stale': [n for n in old if n not in files]}
+            journal = {'stage': stage.name, 'names': names + [self.manifest], 'stale': [n for n in old if n not in files],
+                       'files': summary['files'], 'manifest_sha256': sha256sum(stage/'new'/self.manifest)}
             atomic_write(self.work/'publish.json', lambda f: f.write(json.dumps(journal).encode()))
-            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # a signal now waits until the set is in place
-            try: self._roll_forward()
-            finally: signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        finally: shutil.rmtree(stage, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True); raise
+        with _signals_wait(): self._move_in_or_back(journal)  # a signal waits until one whole set is in place
         return summary
 
-    def _roll_forward(self):
-        "Move a completely staged set into place (renames only: no new space needed), remove the previous set's leftovers, drop the journal."
-        jp = self.work/'publish.json'
-        if not jp.exists(): return
-        j = json.loads(jp.read_text())
+    # A publication moves each file in by two renames (the old one into the stage's `old/`, the new one into
+    # place), the manifest last. The journal, written before the first rename, says what to undo or finish.
+    def _move_in_or_back(self, j:dict):
+        "Move the staged set in; if a rename fails, put the previous set back and raise."
+        try: self._move_in(j)
+        except OSError:
+            self._move_back(j)
+            raise
+        self._commit(j)
+
+    def _move_in(self, j:dict):
         stage = self.work/j['stage']
-        for n in j["names"]:  # the manifest comes last in the list
-            if (stage/n).exists(): os.replace(stage/n, self.path/n)
-        for n in j['stale']: (self.path/n).unlink(missing_ok=True)
+        (stage/'old').mkdir(exist_ok=True)
+        for n in j['names']:  # the manifest comes last in the list
+            new, dst = stage/'new'/n, self.path/n
+            if not new.exists(): continue  # moved in before a crash
+            if dst.exists() or dst.is_symlink(): os.replace(dst, stage/'old'/n)
+            os.replace(new, dst)
+
+    def _move_back(self, j:dict):
+        "Undo the renames of an unfinished publication: each file moved aside goes back; a new file goes only if it is surely this set's."
+        old = self.work/j['stage']/'old'
+        listed = self._files(old/self.manifest if (old/self.manifest).exists() else self.path/self.manifest)
+        for n in reversed(j['names']):
+            dst, kept = self.path/n, old/n
+            if kept.exists() or kept.is_symlink(): os.replace(kept, dst)
+            elif n != self.manifest and n not in listed and dst.is_file() and sha256sum(dst) == j['files'].get(n): dst.unlink()
+        self._end(j)
+
+    @staticmethod
+    def _files(manifest:Path)->dict:
+        "The `files` a manifest lists (name -> sha256), or {} if it cannot be read."
+        try: return json.loads(manifest.read_text()).get('files', {})
+        except (OSError, ValueError, AttributeError): return {}
+
+    def _commit(self, j:dict):
+        "The new manifest is in place: remove the previous set's files it does not list, and the journal."
+        for n in j['stale']:
+            try: (self.path/n).unlink(missing_ok=True)
+            except OSError: pass  # not ours to fight over (a folder put there since): the manifest does not list it
+        self._end(j)
+
+    def _end(self, j:dict):
         _fsync_dir(self.path)
-        jp.unlink()
-        shutil.rmtree(stage, ignore_errors=True)
+        (self.work/'publish.json').unlink(missing_ok=True)
+        shutil.rmtree(self.work/j['stage'], ignore_errors=True)
+
+    def _recover(self):
+        "Settle a publication a crash cut short: finish it if its new manifest is in place or all its files are at hand, else undo it."
+        jp = self.work/'publish.json'
+        j = json.loads(jp.read_text()) if jp.exists() else None
+        for p in self.work.glob('publish-*'):  # stages of publications that never reached their journal
+            if j is None or p.name != j.get('stage'): shutil.rmtree(p, ignore_errors=True)
+        if j is None: return
+        if 'files' not in j:  # a journal this version cannot read: keep every file, drop the journal
+            self._end(j); return
+        stage, manifest = self.work/j['stage'], self.path/self.manifest
+        if manifest.is_file() and sha256sum(manifest) == j['manifest_sha256']: self._commit(j)
+        elif self._complete(j): self._move_in_or_back(j)
+        else: self._move_back(j)
+
+    def _complete(self, j:dict)->bool:
+        "Whether every file of the journal's set is staged or already in place, intact."
+        new = self.work/j['stage']/'new'
+        return (new/self.manifest).is_file() and all(
+            (new/n).is_file() or ((self.path/n).is_file() and sha256sum(self.path/n) == j['files'].get(n))
+            for n in j['names'] if n != self.manifest)
+
+@contextlib.contextmanager
+def _signals_wait():
+    "SIGINT and SIGTERM wait until the block has run (the renames of a publication must not be cut in two)."
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try: yield
+    finally: signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 def _write_file(dst:Path, src):
     "Write `src` (bytes, a writer function, or a Path to link or copy) to `dst`, flushed to disk."

@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'DEFAULT_LR', 'DEFAULTS', 'SEED_LIMIT', 'EXIT_CODES', 'loss_figure', 'UsageError', 'make_parser',
-           'run_options', 'check_device', 'check_data', 'Interrupted', 'run_job', 'main', 'evaluate']
+           'run_options', 'check_device', 'check_data', 'Interrupted', 'OutputsNotWritten', 'run_job', 'main',
+           'evaluate']
 
 # %% ../nbs/09_cli.ipynb #c8cf59fe
-import argparse, difflib, math, os, platform, shutil, signal, sys, tempfile, time, traceback
+import argparse, difflib, errno, math, os, platform, shutil, signal, sys, tempfile, time, traceback
 from pathlib import Path
 
 import lesson9
@@ -35,9 +36,9 @@ class UsageError(Exception):
     "A value the user gave cannot work; the message says which and why (exit code 2)."
 
 class _Parser(argparse.ArgumentParser):
-    "An ArgumentParser whose errors are one line, not a usage block."
+    "An ArgumentParser whose errors are one line, not a usage block (printed by process 0 alone under torchrun)."
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}\n" if os.environ.get('RANK', '0') == '0' else None)
 
 def _number(kind, low=None, high=None):
     "An argparse type: a finite `kind` (int or float) with `low < v` (or `low <= v` for ints) and `v < high`."
@@ -52,10 +53,20 @@ def _number(kind, low=None, high=None):
     check.__name__ = kind.__name__
     return check
 
+def _ratio(s):
+    "An argparse type: 'off', or a finite number > 1."
+    if s.strip().lower() == 'off': return 'off'
+    return _number(float, 1)(s)
+
+def _folder(s):
+    "An argparse type: a folder name that is not empty."
+    if not s.strip(): raise argparse.ArgumentTypeError(f"must name a folder, got {s!r}")
+    return s
+
 SCHEDULES = ('one_cycle', 'constant')
 DEFAULT_LR = {'one_cycle': 0.2, 'constant': 0.5}
 # the options that define a run: saved with it, and what `--resume` takes from the saved run
-DEFAULTS = dict(epochs=8, schedule='one_cycle', lr=None, bs=64, nh=50, seed=0, data='embedded', fast=False)
+DEFAULTS = dict(epochs=8, schedule='one_cycle', lr=None, bs=64, nh=50, seed=0, data='embedded', fast=False, max_loss_ratio=10.)
 SEED_LIMIT = 2**63  # torch generators take seeds below this
 
 EXIT_CODES = {'finished': 0, 'error': 1, 'usage': 2, 'diverged': 3, 'SIGINT': 130, 'SIGTERM': 143}
@@ -71,9 +82,13 @@ Ctrl-C or SIGTERM stops at the next batch, saves, and says how to carry on:
 continues with the saved options and ends with the same weights and numbers as a run that
 never stopped.
 
+--resume and --evaluate first check every file they read against the run's manifest (or, for a
+run killed mid-epoch, its record) and refuse, changing nothing, a file that does not match.
+
 exit codes: 0 finished; 1 failed (the message says where the traceback went); 2 bad option,
-data or folder; 3 diverged (the loss stopped being a number); 130 stopped by SIGINT (Ctrl-C);
-143 stopped by SIGTERM.
+data or folder, or a file that fails its check; 3 diverged (the loss stopped being a number, or
+grew past --max-loss-ratio times its first value); 130 stopped by SIGINT (Ctrl-C); 143 stopped
+by SIGTERM.
 
 more processes: torchrun --standalone --nproc_per_node=N -m lesson9 [options] trains the same
 model with each process taking part of every batch; rank 0 writes the outputs."""
@@ -95,8 +110,11 @@ def make_parser()->argparse.ArgumentParser:
     p.add_argument('--fast', action='store_const', const=True,
                    help="run each training batch as one compiled step (see 08_fast): faster per batch after a warm-up "
                         "to compile it (tens of seconds on a CPU, less once torch has cached it), so worth it for long runs")
+    p.add_argument('--max-loss-ratio', type=_ratio,
+                   help="stop as diverged (exit 3) when a training loss exceeds this times the first one; 'off': only a loss "
+                        "that is not a number (default 10)")
     p.add_argument('--device', default='auto', help="'cpu', 'cuda', 'cuda:N', 'mps', or 'auto' = cuda when available (default auto)")
-    p.add_argument('--out', default='runs/lesson9-train', help="folder for the outputs (default runs/lesson9-train)")
+    p.add_argument('--out', type=_folder, default='runs/lesson9-train', help="folder for the outputs (default runs/lesson9-train)")
     p.add_argument('--resume', action='store_true', help="carry on with the run saved in --out, with its saved options")
     p.add_argument('--evaluate', action='store_true', help="print the validation loss and accuracy of the model.pt in --out, and exit")
     p.add_argument('--quiet', action='store_true', help="print only the final line")
@@ -177,15 +195,60 @@ def _open_folder(out):
     except RunFolderBusy as e: raise UsageError(f"argument --out: {e}") from None
     except OSError as e: raise UsageError(f"argument --out: cannot write into {out}: {e.strerror or e}") from None
 
+def _summary(folder, what:str)->dict:
+    "The folder's published summary, or None; `UsageError` if it is not one (`what`: the option reading it)."
+    try: return folder.summary()
+    except ValueError as e: raise UsageError(f"{what}: {e}; it is not a lesson9-train folder, or its summary was damaged") from None
+
 def _resume_source(folder)->Path:
     "The checkpoint to carry on from: one left by a run that was killed, else that of a published interrupted run."
     if (folder.work/'checkpoint.pt').exists(): return folder.work/'checkpoint.pt'
-    s = folder.summary()
+    s = _summary(folder, '--resume')
     if s is None: raise UsageError(f"--resume: no saved run in {folder.path}")
     if s.get('status') == 'finished': raise UsageError(f"--resume: the run in {folder.path} has finished; nothing to carry on")
     if s.get('status') == 'diverged':
         raise UsageError(f"--resume: the run in {folder.path} diverged; start a new run, with a lower --lr")
     return folder.path/'checkpoint.pt'
+
+def _verified_checkpoint(folder, path:Path)->dict:
+    """The checkpoint at `path`, read only after it passed the checks of its run: a published one must match the
+    sha256 the manifest lists; one left by a killed run must belong to the run recorded in `.lesson9/run.json`.
+    Every checkpoint must also be whole (each record against its stored checksum). Else `UsageError`, and nothing changes."""
+    import json
+    from lesson9.checkpoint import CheckpointError, read_checkpoint, sha256sum
+    fix = "nothing was changed; put the run's own file back, or start a new run (in another folder to keep this one)"
+    if path.parent == folder.path:  # published: the manifest says what it must be
+        record, where = _summary(folder, '--resume'), folder.path/folder.manifest
+        want = record.get('files', {}).get(path.name)
+        if want is None: raise UsageError(f"--resume: {path} is not listed in {where}; {fix}")
+        if sha256sum(path) != want:
+            raise UsageError(f"--resume: {path} does not match the sha256 that {where} lists for it (damaged, or another run's file); {fix}")
+    else:  # left by a run that was killed: its record, written when it started
+        where = folder.work/'run.json'
+        try: record = json.loads(where.read_text())
+        except (OSError, ValueError): record = None
+    try: state = read_checkpoint(path)
+    except CheckpointError as e: raise UsageError(f"--resume: {e}; {fix}") from None
+    extra = state['extra']
+    if not isinstance(extra.get('options'), dict) or 'data_sha256' not in extra:
+        raise UsageError(f"--resume: {path} is a lesson9 checkpoint, but not one that lesson9-train wrote; {fix}")
+    if record is None:
+        print(f"lesson9-train: note: {path} has no record of its run to check it against; it is whole, carrying on from it",
+              file=sys.stderr, flush=True)
+    elif record.get('run_id') != extra.get('run_id'):
+        raise UsageError(f"--resume: {path} is from run {extra.get('run_id')}, but {where} is of run {record.get('run_id')}; {fix}")
+    return state
+
+def _saved_epochs(out)->int:
+    "How many epochs the checkpoint a killed or stopped run left in `out` holds (0 if there is none of the run recorded there)."
+    import json
+    from lesson9.checkpoint import read_checkpoint
+    work = Path(out)/'.lesson9'
+    try:
+        state, record = read_checkpoint(work/'checkpoint.pt'), json.loads((work/'run.json').read_text())
+        if state['extra'].get('run_id') != record.get('run_id'): return 0
+        return state['runner']['epoch'] + (not state['runner']['in_train'] or state['runner']['iter'] > 0)
+    except Exception: return 0
 
 def _data_sha256(tensors)->str:
     "A fingerprint of the data, so that a run is never carried on with other data."
@@ -200,6 +263,22 @@ def _metrics()->dict:
     from lesson9.training import accuracy
     return {'acc': accuracy}
 
+class OutputsNotWritten(Exception):
+    "The run's outputs could not be published; the message says why and what was kept (exit code 1)."
+
+def _not_written(e:OSError, out, status:str)->str:
+    "What to tell the user when publishing failed with `e`: the cause, that the previous set is in place, and what to do."
+    why = (f"the disk holding {out} is full" if e.errno == errno.ENOSPC else
+           f"{e.filename}: {e.strerror}" if getattr(e, 'filename', None) else f"{e.strerror or e}")
+    then = ("this run diverged, so there is nothing to carry on" if status == 'diverged' else
+            f"this run's state is kept in {Path(out)/'.lesson9'}, and `lesson9-train --resume --out {out}` writes them once that is fixed")
+    return f"could not write the outputs into {out} ({why}): the previous outputs there are unchanged; {then}"
+
+def _max_ratio(opts:dict):
+    "The divergence check's `max_ratio` for the run's options (runs saved before the option existed used 10)."
+    r = opts.get('max_loss_ratio', 10.)
+    return None if r == 'off' else r
+
 def _row(h): return f"{h['epoch']:>5} {h['train_loss']:>10.4f} {h['train_acc']:>9.4f} {h['valid_loss']:>10.4f} {h['valid_acc']:>9.4f}"
 _HEADER = f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'valid_loss':>10} {'valid_acc':>9}"
 
@@ -207,11 +286,12 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
             log=print # where the table's rows go
            )->dict:
     "Run the job `args` describe: check every value, train (or carry on), publish the outputs; return the summary."
+    import json, secrets
     import torch
     from lesson9.anneal import Recorder, one_cycle
     from lesson9.callbacks import DataBunch, DeviceCallback, Learner, ProgressCallback, get_runner
-    from lesson9.checkpoint import Checkpoint, DivergenceCallback, RunFolder, TrainingDiverged, load_checkpoint, read_checkpoint
-    from lesson9.data import get_data
+    from lesson9.checkpoint import Checkpoint, DivergenceCallback, RunFolder, TrainingDiverged, load_checkpoint
+    from lesson9.data import atomic_write, get_data
     from lesson9.distributed import DistributedCallback, DistributedCheckpoint, distributed, world_info
     from lesson9.fast import get_fast_runner
     from lesson9.training import Dataset, SGD, accuracy, cross_entropy, get_dls, get_mlp
@@ -222,17 +302,17 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
     device = check_device(args.device)
     if device.type == 'cuda' and world.world_size > 1: device = torch.device('cuda', world.local_rank)  # a GPU per process
     if args.resume:
-        given = [f'--{k}' for k in DEFAULTS if getattr(args, k) is not None]
+        given = [f"--{k.replace('_', '-')}" for k in DEFAULTS if getattr(args, k) is not None]
         if given: raise UsageError(f"--resume carries on with the saved options; leave out {', '.join(given)}")
     else: check_data(run_options(args)['data'])
     made = _first_missing(args.out)  # the folder this run creates (with any missing parents), removed if it never starts
     folder = _open_folder(args.out) if main_rank else RunFolder(args.out)  # rank 0 alone locks and writes
     try:
         with _Signals() as signals, distributed('gloo' if device.type == 'cpu' else 'nccl') as world:
-            try:  # setting up: on any failure, leave no folder behind that this run created
+            try:  # setting up: on any failure, leave the folder as it was, and no folder that this run created
                 if args.resume:
                     ck_path = _resume_source(folder)
-                    saved = read_checkpoint(ck_path)['extra']
+                    saved = _verified_checkpoint(folder, ck_path)['extra']
                     opts = saved['options']
                     if saved.get('world_size', 1) != world.world_size:
                         raise UsageError(f"--resume: the run in {args.out} was saved by {saved.get('world_size', 1)} process(es); "
@@ -243,7 +323,7 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
                 if args.resume and fingerprint != saved['data_sha256']:
                     raise UsageError(f"--resume: the data {opts['data']!r} is not what the saved run trained on")
             except BaseException:
-                folder.close()
+                folder.close(discard=True)
                 if made is not None and main_rank: shutil.rmtree(made, ignore_errors=True)
                 raise
             x_train, y_train, x_valid, y_valid = (t.to(device) for t in tensors)  # moved once: no copy per batch
@@ -251,7 +331,10 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
             model = get_mlp(x_train.shape[1], opts['nh'], int(y_train.max()) + 1)
             data = DataBunch(*get_dls(Dataset(x_train, y_train), Dataset(x_valid, y_valid), opts['bs'], seed=opts['seed']), c=10)
             learn = Learner(model, SGD(model.parameters(), lr=opts['lr']), cross_entropy, data)
-            extra = {'options': opts, 'data_sha256': fingerprint, 'world_size': world.world_size}
+            run_id = saved.get('run_id') if args.resume else None
+            run_id = run_id or secrets.token_hex(8)  # who this run is: in its record, its checkpoints and its summary
+            extra = {'options': opts, 'data_sha256': fingerprint, 'world_size': world.world_size, 'run_id': run_id}
+            if main_rank: atomic_write(folder.work/'run.json', lambda f: f.write(json.dumps(extra).encode()))
             ckpt = (DistributedCheckpoint if world.world_size > 1 else Checkpoint)(folder.work/'checkpoint.pt', extra=extra)
             recorder, quiet = Recorder(), args.quiet or not main_rank
             def on_epoch(h):
@@ -260,7 +343,7 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
             multi = [DistributedCallback()] if world.world_size > 1 else []
             make_runner = get_fast_runner if opts.get('fast') else get_runner
             run = make_runner([DeviceCallback(device), *multi, recorder, ProgressCallback(enabled=False if quiet else None),
-                               DivergenceCallback(), ckpt] + scheds, metrics=_metrics(), report=on_epoch)
+                               DivergenceCallback(max_ratio=_max_ratio(opts)), ckpt] + scheds, metrics=_metrics(), report=on_epoch)
             resume = load_checkpoint(ck_path, learn)[0] if args.resume else None
             signals.checkpoint, signals.patient = ckpt, world.world_size > 1  # from here a signal saves and stops
             done = resume['cbs']['avg_stats']['history'] if resume else []
@@ -279,9 +362,13 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
             history = run.avg_stats.history
             code = EXIT_CODES.get(status if status != 'interrupted' else ckpt.stop_requested, 1)
             if not main_rank: return dict(status=status, message=message, history=history, exit_code=code)
-            summary = dict(status=status, message=message, stopped_at=ckpt.stopped_at, final=history[-1] if history else None,
+            why_eager = getattr(run, 'why_eager', None)  # the fast path's reason for running a fit eagerly
+            fast_path = None if not opts.get('fast') else 'compiled' if why_eager is None else f"eager: {why_eager}"
+            if why_eager is not None and opts.get('fast') and not quiet:
+                print(f"lesson9-train: note: --fast ran the batches eagerly: {why_eager}", file=sys.stderr, flush=True)
+            summary = dict(status=status, message=message, run_id=run_id, stopped_at=ckpt.stopped_at, final=history[-1] if history else None,
                            history=history, seconds=round(time.perf_counter() - t0, 3),
-                           config=dict(opts, device=str(device), processes=world.world_size), data=dict(n_train=len(x_train), n_valid=len(x_valid), sha256=fingerprint),
+                           config=dict(opts, device=str(device), processes=world.world_size), fast_path=fast_path, data=dict(n_train=len(x_train), n_valid=len(x_valid), sha256=fingerprint),
                            versions=dict(lesson9=lesson9.__version__, torch=torch.__version__, python=platform.python_version()))
             weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             png = lambda fig: (lambda f: fig.savefig(f, format='png', dpi=100))
@@ -290,9 +377,7 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
                      'lr.png': png(recorder.plot_lr())}
             if status != 'diverged': files['checkpoint.pt'] = ckpt.path  # the state at the end, or where it stopped
             try: summary = folder.publish(files, summary)
-            except OSError as e:
-                raise OSError(e.errno, f"could not write the outputs into {args.out}: {e.strerror or e}; the previous outputs "
-                                       f"there are unchanged, and `lesson9-train --resume --out {args.out}` writes them once that is fixed") from None
+            except OSError as e: raise OutputsNotWritten(_not_written(e, args.out, status)) from None
             if status == 'diverged': ckpt.path.unlink(missing_ok=True)  # a diverged run is not one to carry on
             else: ckpt.path.unlink()  # now a link in the published set
             summary['exit_code'] = code
@@ -301,7 +386,8 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
 
 # %% ../nbs/09_cli.ipynb #4e29524d
 def _fail(msg:str, code:int)->int:
-    print(f"lesson9-train: error: {msg}", file=sys.stderr, flush=True)
+    "Print `msg` as the job's one error line (on process 0 alone under torchrun); return `code`."
+    if os.environ.get('RANK', '0') == '0': print(f"lesson9-train: error: {msg}", file=sys.stderr, flush=True)
     return code
 
 def _save_traceback()->str:
@@ -312,38 +398,55 @@ def _save_traceback()->str:
 
 def _evaluate(args)->int:
     "`--evaluate`: print the published model's validation stats."
-    given = [f'--{k}' for k in DEFAULTS if getattr(args, k) is not None] + ['--resume']*args.resume
+    given = [f"--{k.replace('_', '-')}" for k in DEFAULTS if getattr(args, k) is not None] + ['--resume']*args.resume
     if given: raise UsageError(f"--evaluate uses the options saved with the run; leave out {', '.join(given)}")
     ev = evaluate(args.out, check_device(args.device))
+    note = ', a run that diverged: the weights where it stopped' if ev['status'] == 'diverged' else ''
     if os.environ.get('RANK', '0') == '0':  # under torchrun, one line, not one per process
-        print(f"valid_loss {ev['valid_loss']:.10f} valid_acc {ev['valid_acc']:.10f} on {ev['n_valid']} samples ({Path(args.out)/'model.pt'})", flush=True)
+        print(f"valid_loss {ev['valid_loss']:.10f} valid_acc {ev['valid_acc']:.10f} on {ev['n_valid']} samples ({Path(args.out)/'model.pt'}{note})", flush=True)
     return 0
+
+def _stopped(name:str, training:bool, out)->str:
+    "The line for a job stopped by signal `name` where nothing new could be saved."
+    if not training: return f"stopped by {name} before training started; nothing was saved"
+    n = _saved_epochs(out)
+    if n == 0: return f"stopped at once by a second {name}, before the first epoch ended: nothing was saved to carry on from"
+    return (f"stopped at once by a second {name}; the checkpoint after epoch {n} is kept "
+            f"(carry on with: lesson9-train --resume --out {out})")
 
 def main(argv:list=None # command-line arguments (default: sys.argv[1:])
         )->int: # exit code, see `EXIT_CODES`
     "Entry point of `lesson9-train` and `python -m lesson9`."
-    args = make_parser().parse_args(argv)
-    try:
+    try:  # a Ctrl-C while starting up (parsing, importing torch) is a clean stop too
+        args = make_parser().parse_args(argv)
         from lesson9.data import DataError
+    except KeyboardInterrupt: return _fail(_stopped('SIGINT', False, None), EXIT_CODES['SIGINT'])
+    s = None
+    try:
         if args.evaluate: return _evaluate(args)
         s = run_job(args)
+        if 'files' not in s: return s['exit_code']  # another process of a torchrun job: rank 0 reports
+        if s['status'] == 'finished':
+            f, n = s['final'], len(s['history'])
+            print(f"valid accuracy {f['valid_acc']:.4f} (loss {f['valid_loss']:.4f}) after {n} epoch{'s'*(n > 1)} in {s['seconds']:.1f}s; "
+                  f"wrote {', '.join(s['files'])} and summary.json in {args.out}", flush=True)
+        else: print(f"lesson9-train: {s['message']}", file=sys.stderr, flush=True)
+        return s['exit_code']
     except (UsageError, DataError) as e: return _fail(str(e), EXIT_CODES['usage'])
     except (Interrupted, KeyboardInterrupt) as e:
         name = getattr(e, 'signame', 'SIGINT')
-        if getattr(e, 'training', False):
-            return _fail(f"stopped at once by a second {name}; the checkpoint of the last finished epoch is kept "
-                         f"(carry on with: lesson9-train --resume --out {args.out})", EXIT_CODES[name])
-        return _fail(f"stopped by {name} before training started; nothing was saved", EXIT_CODES[name])
+        if s is not None: return _fail(f"stopped by {name} after the outputs were written in {args.out}", EXIT_CODES[name])
+        return _fail(_stopped(name, getattr(e, 'training', False), args.out), EXIT_CODES[name])
+    except OutputsNotWritten as e: return _fail(str(e), EXIT_CODES['error'])
+    except OSError as e:
+        if e.errno != errno.ENOSPC or args.debug: raise
+        return _fail(f"the disk is full ({e.strerror}): files saved before are kept whole; free some space, then "
+                     + (f"carry on with: lesson9-train --resume --out {args.out}" if _saved_epochs(args.out) else "start the run again"),
+                     EXIT_CODES['error'])
     except Exception as e:
         if args.debug: raise
         return _fail(f"{type(e).__name__}: {e} (the full traceback is in {_save_traceback()}; --debug shows it here)", EXIT_CODES['error'])
-    if 'files' not in s: return s['exit_code']  # another process of a torchrun job: rank 0 reports
-    if s['status'] == 'finished':
-        f, n = s['final'], len(s['history'])
-        print(f"valid accuracy {f['valid_acc']:.4f} (loss {f['valid_loss']:.4f}) after {n} epoch{'s'*(n > 1)} in {s['seconds']:.1f}s; "
-              f"wrote {', '.join(s['files'])} and summary.json in {args.out}", flush=True)
-    else: print(f"lesson9-train: {s['message']}", file=sys.stderr, flush=True)
-    return s['exit_code']
+
 
 # %% ../nbs/09_cli.ipynb #dd841de1
 def evaluate(out, # a folder where `lesson9-train` published a run
@@ -356,7 +459,7 @@ def evaluate(out, # a folder where `lesson9-train` published a run
     from lesson9.data import get_data
     from lesson9.training import DataLoader, Dataset, cross_entropy, get_mlp
     folder = RunFolder(out)
-    s = folder.summary()
+    s = _summary(folder, '--evaluate')
     if s is None or 'model.pt' not in s.get('files', {}): raise UsageError(f"--evaluate: no model.pt published in {out}")
     if sha256sum(folder.path/'model.pt') != s['files']['model.pt']:
         raise UsageError(f"--evaluate: {folder.path/'model.pt'} does not match the sha256 in its summary.json")
@@ -370,4 +473,4 @@ def evaluate(out, # a folder where `lesson9-train` published a run
         for xb, yb in DataLoader(Dataset(x_valid, y_valid), 2*opts['bs']):  # the batches validation used
             pred = model(xb)
             stats.accumulate(cross_entropy(pred, yb), pred, yb)
-    return {**stats.as_dict(), 'n_valid': len(x_valid)}
+    return {**stats.as_dict(), 'n_valid': len(x_valid), 'status': s.get('status')}

@@ -255,7 +255,8 @@ def download(fname:str, # file name, appended to each mirror's URL
     timeout, deadline, md5 = _check_seconds('timeout', timeout), _check_seconds('deadline', deadline), md5.lower()
     dest = Path(dest or cache_dir()); target = dest/fname
     if target.exists() and md5sum(target) == md5: return target  # no lock needed: files are only ever replaced whole
-    dest.mkdir(parents=True, exist_ok=True)
+    try: dest.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError): raise DataError(f"the data cache {dest} is not a folder (a file is in the way): set LESSON9_DATA to a folder") from None
     with _locked(target):  # one process downloads; the others wait, then find it here
         errors = []
         if target.exists():
@@ -297,6 +298,23 @@ def get_data(source:str='embedded', # 'embedded', 'mnist', or a path to an .npz 
     return load_npz(source, n_valid)
 
 # %% ../nbs/01_data.ipynb #b64b94a4
+def _check_arrays(path, x:np.ndarray, y:np.ndarray):
+    "Raise `DataError` unless `x` holds finite pixels (uint8, or floats in [0, 1]) and `y` one integer label >= 0 per row."
+    if x.ndim < 1 or y.ndim != 1:
+        raise DataError(f"{path}: y must hold one label per image, shape (n,), got x {x.shape} and y {y.shape}")
+    if len(x) != len(y): raise DataError(f"{path}: x has {len(x)} rows but y has {len(y)}")
+    if len(x) < 2: raise DataError(f"{path}: need at least 2 samples to split, got {len(x)}")
+    if y.dtype == np.bool_ or y.dtype.kind not in 'iu':
+        raise DataError(f"{path}: labels y must be integers (class numbers), got dtype {y.dtype}")
+    if y.min() < 0: raise DataError(f"{path}: labels y must be >= 0, got {y.min()} at row {int(y.argmin())}")
+    if x.dtype == np.bool_ or x.dtype.kind not in 'uif':
+        raise DataError(f"{path}: pixels x must be numbers (uint8, or floats in [0, 1]), got dtype {x.dtype}")
+    if x.dtype.kind == 'f':
+        if not np.isfinite(x).all(): raise DataError(f"{path}: pixels x must be finite numbers; image {int((~np.isfinite(x)).reshape(len(x), -1).any(1).argmax())} holds NaN or inf")
+        if x.min() < 0 or x.max() > 1: raise DataError(f"{path}: float pixels must lie in [0, 1], got [{x.min()}, {x.max()}]")
+    elif x.dtype != np.uint8 and (x.min() < 0 or x.max() > 255):
+        raise DataError(f"{path}: integer pixels must lie in [0, 255], got [{x.min()}, {x.max()}]")
+
 def load_npz(path:Path, # an .npz holding `x` (n, 784) or (n, 28, 28) and `y` (n,)
              n_valid:int=None # digits taken from the end for validation (default: 20%)
             ):
@@ -316,10 +334,7 @@ def load_npz(path:Path, # an .npz holding `x` (n, 784) or (n, 28, 28) and `y` (n
         if 'allow_pickle' not in str(e): raise DataError(f"cannot read {path} as .npz: {e}") from None
         raise DataError(f"{path} holds Python objects, not numbers: save x and y as numeric arrays") from None
     except Exception as e: raise DataError(f"cannot read {path} as .npz: {e}") from None
-    if len(x) != len(y): raise DataError(f"{path}: x has {len(x)} rows but y has {len(y)}")
-    if len(x) < 2: raise DataError(f"{path}: need at least 2 samples to split, got {len(x)}")
-    if x.dtype != np.uint8 and (x.min() < 0 or x.max() > 1):
-        raise DataError(f"{path}: float pixels must lie in [0, 1], got [{x.min()}, {x.max()}]")
+    _check_arrays(path, x, y)
     n_valid = n_valid or max(1, len(x)//5)
     if not 0 < n_valid < len(x): raise DataError(f"n_valid must be between 1 and {len(x)-1}, got {n_valid!r}")
     x, y, n = to_float(x), torch.as_tensor(y).long(), len(x) - n_valid

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['IN_BATCH', 'FAST_PATH_MODES', 'FAST_MODES', 'in_batch_events', 'fast_path_mode', 'why_not_fast', 'sgd_coeffs',
-           'sgd_update', 'FastStep', 'EagerFallbackWarning', 'FastRunner', 'get_fast_runner']
+           'sgd_update', 'FastStep', 'EagerFallbackWarning', 'CompileCacheWarning', 'FastRunner', 'get_fast_runner']
 
 # %% ../nbs/08_fast.ipynb #c8ea3f2b
-import time, warnings
+import os, shutil, tempfile, time, warnings
 
 import torch
 from torch import nn
@@ -290,6 +290,15 @@ _RECOMPILE_LIMIT = tuple(getattr(torch._dynamo.exc, k) for k in ('FailOnRecompil
 class EagerFallbackWarning(UserWarning):
     "The fast path could not run a fit: its batches run eagerly (the message says why)."
 
+class CompileCacheWarning(UserWarning):
+    "torch's compile cache gave a broken build; the step was compiled again in a fresh cache."
+
+def _reason(e:BaseException)->str:
+    "`e`'s whole message on one line, without torch's advice on logging (the cause is often on the lines after the first)."
+    skip = ('Set TORCHDYNAMO_VERBOSE', 'For even more developer context', 'You can suppress this exception')
+    lines = [l.strip() for l in str(e).splitlines() if l.strip() and not l.strip().startswith(skip)]
+    return f"{type(e).__name__}: {' '.join(lines)}"[:4000]
+
 FAST_MODES = ('auto', 'compile', 'cuda_graph', 'func', 'eager')
 
 class FastRunner(Runner):
@@ -320,11 +329,33 @@ class FastRunner(Runner):
             # last, smaller one) that torch.compile refuses to compile once its cache for the step is full, which
             # happens after a few fits of other models in one process
             if self.fast.calls and not isinstance(e, _RECOMPILE_LIMIT): raise
-            self._go_eager(f"the step could not be compiled ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})")
-            return super()._do_batch()  # nothing was changed by the failed try: this batch runs eagerly
+            if not isinstance(e, _RECOMPILE_LIMIT) and self._compile_again(e): return
+            self._go_eager(f"the step could not be compiled ({_reason(e)})")
+            return super()._do_batch()  # nothing was changed by the failed tries: this batch runs eagerly
         if self.fast.not_compiled:
             self._go_eager("torch.compile ran the step without compiling it (its recompile limit reached? "
                            "torch.compiler.reset() empties its caches)")
+
+    _fresh_cache = None  # the compile cache this process moved to after a broken build (once per process)
+
+    def _compile_again(self, e:BaseException)->bool:
+        """After the first compile of a fit failed with `e`, compile once more in a fresh cache of torch's: a cache left
+        broken (a Ctrl-C while the compiler linked leaves a file of 0 bytes) fails every compile that finds it. True if that worked."""
+        if self.fast.mode != 'compile' or FastRunner._fresh_cache is not None: return False
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        from torch._inductor.utils import clear_caches
+        old = cache_dir()
+        FastRunner._fresh_cache = fresh = tempfile.mkdtemp(prefix='lesson9-torchinductor-')
+        os.environ['TORCHINDUCTOR_CACHE_DIR'] = fresh; clear_caches()
+        self.fast._compiled, self.fast.n_graphs = None, 0
+        try: self.fast.train_batch()
+        except Exception:  # not the cache: the build fails anyway; keep the user's cache
+            os.environ['TORCHINDUCTOR_CACHE_DIR'] = old; clear_caches()
+            shutil.rmtree(fresh, ignore_errors=True)
+            return False
+        warnings.warn(f"torch's compile cache {old} gave a broken build ({_reason(e)}); compiled again in a fresh cache, "
+                      f"{fresh}, which this process uses from now on", CompileCacheWarning, stacklevel=2)
+        return True
 
     def _go_eager(self, reason:str):
         self.fast, self.why_eager = None, reason

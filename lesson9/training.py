@@ -12,6 +12,7 @@ from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from fastcore.basics import patch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
@@ -121,11 +122,6 @@ def get_mlp(n_in:int=784, # input features
     return nn.Sequential(nn.Linear(n_in, nh), nn.ReLU(), nn.Linear(nh, n_out))
 
 # %% ../nbs/03_minibatch_training.ipynb #4eea7d0e
-# Switches of torch.optim that these optimizers lack, and the values at which they change nothing about
-# the update: a group or a torch state_dict that holds them loses nothing when they are dropped.
-# foreach and fused pick how torch computes the same update; maximize and differentiable change what it is.
-_INERT = {'foreach': (None, False, True), 'fused': (None, False, True), 'maximize': (False,), 'differentiable': (False,)}
-
 class Optimizer:
     "The lesson's optimizer, `p -= lr * p.grad`, holding torch-style `param_groups` and `state`."
     def __init__(self,
@@ -153,18 +149,11 @@ class Optimizer:
         seen = {id(p) for g in self.param_groups for p in g['params']}
         if len({id(p) for p in ps}) < len(ps) or seen & {id(p) for p in ps}:
             raise ValueError("some parameters appear more than once in the param groups")
-        group = {**self.defaults, **self._known(group, 'param group'), 'params': ps}
+        # a group that sets more than hyper-parameters (one of torch's switches, say) goes through `_known`, under the hood
+        if group.keys() - {'params', *self.defaults}: group = self._known(group, 'param group')
+        group = {**self.defaults, **group, 'params': ps}
         self._check(group)
         self.param_groups.append(group)
-
-    def _known(self, group:dict, where:str)->dict:
-        "`group` without torch's switches that change nothing here; raise on any other key this optimizer would ignore."
-        kept = {}
-        for k, v in group.items():
-            if k in self.defaults or k in ('params', 'initial_lr'): kept[k] = v  # initial_lr: torch schedulers' bookkeeping
-            elif not (k in _INERT and any(v is ok for ok in _INERT[k])):
-                raise ValueError(f"{where} sets {k}={v!r}, which {type(self).__name__} does not support (it would be ignored)")
-        return kept
 
     def _check(self, g):
         "Raise if a group's hyper-parameters are invalid."
@@ -173,9 +162,7 @@ class Optimizer:
     def step(self, closure=None # None, or a function that recomputes the loss (and its gradients) and returns it
             ):
         "Call `closure` (if given) with gradients enabled, then update the parameters; returns its loss or None, as torch does."
-        loss = None
-        if closure is not None:
-            with torch.enable_grad(): loss = closure()
+        loss = None if closure is None else self._closure_loss(closure)  # `_closure_loss` is under the hood
         with torch.no_grad(): self._update()
         return loss
 
@@ -193,35 +180,6 @@ class Optimizer:
                 if p.grad is None: continue
                 if set_to_none: p.grad = None
                 else: p.grad.detach_().zero_()
-
-    def state_dict(self)->dict:
-        "A deep copy of the hyper-parameters and state, parameters replaced by their position (torch's format)."
-        pos = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g['params'])}
-        groups = [{**copy.deepcopy({k: v for k, v in g.items() if k != 'params'}), 'params': [pos[id(p)] for p in g['params']]}
-                  for g in self.param_groups]
-        return {'state': {pos[id(p)]: copy.deepcopy(s) for p, s in self.state.items() if s}, 'param_groups': groups}
-
-    def load_state_dict(self, sd:dict # from `state_dict()` of an optimizer over parameters of the same shapes
-                       ):
-        "Restore hyper-parameters and state from `sd`, deep-copied so that `sd` stays independent."
-        saved = sd['param_groups']
-        if len(saved) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved)} param groups but this optimizer has {len(self.param_groups)}")
-        groups = []
-        for i, (s, g) in enumerate(zip(saved, self.param_groups)):
-            if len(s['params']) != len(g['params']):
-                raise ValueError(f"param group {i} has {len(s['params'])} params in the state_dict but {len(g['params'])} here")
-            missing = [k for k in self.defaults if k not in s]
-            if missing: raise ValueError(f"param group {i} of the state_dict lacks {', '.join(missing)}, which {type(self).__name__} needs")
-            kept = self._known(s, f"param group {i} of the state_dict")
-            groups.append({**copy.deepcopy({k: v for k, v in kept.items() if k != 'params'}), 'params': g['params']})
-        for g in groups: self._check(g)
-        param_at = {i: p for s, g in zip(saved, self.param_groups) for i, p in zip(s['params'], g['params'])}
-        state = defaultdict(dict)
-        for i, s in sd['state'].items():
-            p = param_at[i]
-            state[p] = {k: v.detach().clone().to(p.device) if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in s.items()}
-        self.param_groups, self.state = groups, state
 
 # %% ../nbs/03_minibatch_training.ipynb #18131b81
 class SGD(Optimizer):
@@ -296,7 +254,7 @@ class Sampler:
         _check_int('n', self.n, 0); _check_int('bs', bs, 1)
         self.bs, self.shuffle, self.drop_last, self.device = bs, shuffle, drop_last, device
         self.generator = _as_generator(seed)
-        self.order = None  # the order of the latest epoch, kept so that an epoch can be continued
+        self.order = None  # the order of the latest epoch, kept so that an epoch can be continued (under the hood)
 
     def __len__(self): return self.n // self.bs if self.drop_last else math.ceil(self.n / self.bs)
 
@@ -306,35 +264,8 @@ class Sampler:
         self.order = idxs
         return self._batches(idxs, 0)
 
-    def iter_from(self, start:int # the batch to start at
-                 ):
-        "Continue the latest epoch's order from batch `start`, drawing nothing (to resume an interrupted epoch)."
-        _check_int('start', start, 0)
-        if start == 0: return iter(self)
-        if self.order is None:
-            if self.shuffle: raise ValueError(f"no epoch to continue from batch {start}: this sampler has not started one")
-            return self._batches(torch.arange(self.n, device=self.device), start)  # in order: nothing to remember
-        return self._batches(self.order, start)
-
     def _batches(self, idxs, start):
         for i in range(start * self.bs, len(self) * self.bs, self.bs): yield idxs[i:i+self.bs]
-
-    def state_dict(self)->dict:
-        "Its own generator's state (None for torch's global one) and the latest epoch's order."
-        g = self.generator
-        return {'generator': None if g is None else g.get_state(),
-                'order': None if self.order is None else self.order.cpu()}
-
-    def load_state_dict(self, sd:dict # from `state_dict()` of a sampler over the same number of samples
-                       ):
-        "Restore the generator and the epoch order, so that the next epoch, or `iter_from`, continues exactly."
-        order, g = sd['order'], sd['generator']
-        if order is not None and len(order) != self.n:
-            raise ValueError(f"the saved order is over {len(order)} samples, but this sampler has {self.n}")
-        if (g is None) != (self.generator is None):
-            raise ValueError("the saved sampler and this one differ in using torch's global generator or their own (seed=None vs an int)")
-        if g is not None: self.generator.set_state(g)
-        self.order = None if order is None else order.to(self.device) if self.device is not None else order
 
 # %% ../nbs/03_minibatch_training.ipynb #4e352ae7
 def collate(batch:list # samples, each a tuple of tensors (or numbers)
@@ -387,33 +318,9 @@ class DataLoader:
 
     def __iter__(self): return self._batches(iter(self.sampler))
 
-    def iter_from(self, start:int # the batch to start at
-                 ):
-        "The rest of the latest epoch from batch `start` (see `Sampler.iter_from`)."
-        return self._batches(self.sampler.iter_from(start))
-
-    def state_dict(self)->dict:
-        "The sampler's state: what a checkpoint needs to continue or repeat an epoch."
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, sd:dict # from `state_dict()`
-                       ): self.sampler.load_state_dict(sd)
-
     def _batches(self, idx_batches):
         if self.num_workers == 0: return map(self.fetch, idx_batches)
-        return self._prefetch(idx_batches)
-
-    def _prefetch(self, batches):
-        "Fetch batches ahead in worker threads; yield them in order; stop the threads when closed."
-        with ThreadPoolExecutor(self.num_workers, thread_name_prefix='lesson9-loader') as pool:
-            pending = deque()
-            try:
-                for idxs in batches:
-                    pending.append(pool.submit(self.fetch, idxs))
-                    if len(pending) > 2 * self.num_workers: yield pending.popleft().result()
-                while pending: yield pending.popleft().result()
-            finally:
-                for f in pending: f.cancel()
+        return self._prefetch(idx_batches)  # worker threads: `_prefetch` is under the hood
 
 # %% ../nbs/03_minibatch_training.ipynb #b56a0f35
 def get_dls(train_ds, # training dataset (shuffled every epoch)
@@ -467,3 +374,136 @@ def fit(epochs:int, # number of passes over the training data
         history.append(stats)
         if on_epoch is not None: on_epoch(stats)
     return history
+
+# %% ../nbs/03_minibatch_training.ipynb #e3c04a2c
+# Switches of torch.optim that these optimizers lack, and the values at which they change nothing about
+# the update: a group or a torch state_dict that holds them loses nothing when they are dropped.
+# foreach and fused pick how torch computes the same update; maximize and differentiable change what it is.
+_INERT = {'foreach': (None, False, True), 'fused': (None, False, True), 'maximize': (False,), 'differentiable': (False,)}
+
+@patch
+def _known(self:Optimizer, group:dict, where:str)->dict:
+    "`group` without torch's switches that change nothing here; raise on any other key this optimizer would ignore."
+    kept = {}
+    for k, v in group.items():
+        if k in self.defaults or k in ('params', 'initial_lr'): kept[k] = v  # initial_lr: torch schedulers' bookkeeping
+        elif not (k in _INERT and any(v is ok for ok in _INERT[k])):
+            raise ValueError(f"{where} sets {k}={v!r}, which {type(self).__name__} does not support (it would be ignored)")
+    return kept
+
+# %% ../nbs/03_minibatch_training.ipynb #9e0eaa56
+@patch
+def _closure_loss(self:Optimizer, closure):
+    "Call `closure` with gradients enabled, even under `torch.no_grad()`, and return its loss (for `step`)."
+    with torch.enable_grad(): return closure()
+
+# %% ../nbs/03_minibatch_training.ipynb #cc77bb6f
+@patch
+def state_dict(self:Optimizer)->dict:
+    "A deep copy of the hyper-parameters and state, parameters replaced by their position (torch's format)."
+    pos = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g['params'])}
+    groups = [{**copy.deepcopy({k: v for k, v in g.items() if k != 'params'}), 'params': [pos[id(p)] for p in g['params']]}
+              for g in self.param_groups]
+    return {'state': {pos[id(p)]: copy.deepcopy(s) for p, s in self.state.items() if s}, 'param_groups': groups}
+
+# %% ../nbs/03_minibatch_training.ipynb #60fbf4e7
+@patch
+def load_state_dict(self:Optimizer, sd:dict # from `state_dict()` of an optimizer over parameters of the same shapes
+                   ):
+    "Restore hyper-parameters and state from `sd`, deep-copied so that `sd` stays independent."
+    saved = sd['param_groups']
+    if len(saved) != len(self.param_groups):
+        raise ValueError(f"state_dict has {len(saved)} param groups but this optimizer has {len(self.param_groups)}")
+    groups = []
+    for i, (s, g) in enumerate(zip(saved, self.param_groups)):
+        if len(s['params']) != len(g['params']):
+            raise ValueError(f"param group {i} has {len(s['params'])} params in the state_dict but {len(g['params'])} here")
+        missing = [k for k in self.defaults if k not in s]
+        if missing: raise ValueError(f"param group {i} of the state_dict lacks {', '.join(missing)}, which {type(self).__name__} needs")
+        kept = self._known(s, f"param group {i} of the state_dict")
+        groups.append({**copy.deepcopy({k: v for k, v in kept.items() if k != 'params'}), 'params': g['params']})
+    for g in groups: self._check(g)
+    param_at = {i: p for s, g in zip(saved, self.param_groups) for i, p in zip(s['params'], g['params'])}
+    state = defaultdict(dict)
+    for i, s in sd['state'].items():
+        p = param_at.get(i)
+        if p is None: raise ValueError(f"the state_dict holds state for parameter {i!r}, which none of its param groups lists")
+        for k, v in s.items():
+            if isinstance(v, Tensor) and v.ndim and (v.shape != p.shape or v.dtype != p.dtype):
+                raise ValueError(f"the state_dict's {k} of parameter {i} is {v.dtype} {tuple(v.shape)}, the parameter {p.dtype} {tuple(p.shape)}")
+        state[p] = {k: v.detach().clone().to(p.device) if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in s.items()}
+    self.param_groups, self.state = groups, state
+
+# %% ../nbs/03_minibatch_training.ipynb #66955d04
+@patch
+def iter_from(self:Sampler, start:int # the batch to start at
+             ):
+    "Continue the latest epoch's order from batch `start`, drawing nothing (to resume an interrupted epoch)."
+    _check_int('start', start, 0)
+    if start == 0: return iter(self)
+    if self.order is None:
+        if self.shuffle: raise ValueError(f"no epoch to continue from batch {start}: this sampler has not started one")
+        return self._batches(torch.arange(self.n, device=self.device), start)  # in order: nothing to remember
+    return self._batches(self.order, start)
+
+# %% ../nbs/03_minibatch_training.ipynb #27b1bbd9
+@patch
+def state_dict(self:Sampler)->dict:
+    "Its own generator's state (None for torch's global one) and the latest epoch's order."
+    g = self.generator
+    return {'generator': None if g is None else g.get_state(),
+            'order': None if self.order is None else self.order.cpu()}
+
+# %% ../nbs/03_minibatch_training.ipynb #f4754825
+@patch
+def load_state_dict(self:Sampler, sd:dict # from `state_dict()` of a sampler over the same number of samples
+                   ):
+    "Restore the generator and the epoch order, so that the next epoch, or `iter_from`, continues exactly."
+    order, g = sd['order'], sd['generator']
+    if order is not None:
+        if not isinstance(order, Tensor) or order.dtype != torch.int64 or order.ndim != 1:
+            raise ValueError(f"the saved order must be a 1-d int64 tensor, got {getattr(order, 'dtype', type(order).__name__)} "
+                             f"of shape {tuple(getattr(order, 'shape', ()))}")
+        if len(order) != self.n: raise ValueError(f"the saved order is over {len(order)} samples, but this sampler has {self.n}")
+        if not torch.equal(order.cpu().sort().values, torch.arange(self.n)):  # each index once: an order of these samples
+            raise ValueError(f"the saved order is not an order of {self.n} samples (an index out of range or twice)")
+    if g is not None and not (isinstance(g, Tensor) and g.dtype == torch.uint8):
+        raise ValueError(f"the saved generator state must be a uint8 tensor, got {getattr(g, 'dtype', type(g).__name__)}")
+    if (g is None) != (self.generator is None):
+        raise ValueError("the saved sampler and this one differ in using torch's global generator or their own (seed=None vs an int)")
+    if g is not None: self.generator.set_state(g)
+    self.order = None if order is None else order.to(self.device) if self.device is not None else order
+
+# %% ../nbs/03_minibatch_training.ipynb #6ce49eb7
+@patch
+def iter_from(self:DataLoader, start:int # the batch to start at
+             ):
+    "The rest of the latest epoch from batch `start` (see `Sampler.iter_from`)."
+    return self._batches(self.sampler.iter_from(start))
+
+# %% ../nbs/03_minibatch_training.ipynb #e0fd2adb
+@patch
+def state_dict(self:DataLoader)->dict:
+    "The sampler's state: what a checkpoint needs to continue or repeat an epoch."
+    return self.sampler.state_dict()
+
+# %% ../nbs/03_minibatch_training.ipynb #b1102fbb
+@patch
+def load_state_dict(self:DataLoader, sd:dict # from `state_dict()`
+                   ):
+    "Restore the sampler's state from `sd` (see `Sampler.load_state_dict`)."
+    self.sampler.load_state_dict(sd)
+
+# %% ../nbs/03_minibatch_training.ipynb #8ee552c3
+@patch
+def _prefetch(self:DataLoader, batches):
+    "Fetch batches ahead in worker threads; yield them in order; stop the threads when closed."
+    with ThreadPoolExecutor(self.num_workers, thread_name_prefix='lesson9-loader') as pool:
+        pending = deque()
+        try:
+            for idxs in batches:
+                pending.append(pool.submit(self.fetch, idxs))
+                if len(pending) > 2 * self.num_workers: yield pending.popleft().result()
+            while pending: yield pending.popleft().result()
+        finally:
+            for f in pending: f.cancel()

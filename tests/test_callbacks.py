@@ -196,6 +196,13 @@ def test_bad_callbacks_and_arguments():
     for bad in (-1, 1.5, True, '2'):
         with pytest.raises(ValueError, match=f'got {bad!r}'): Runner().fit(bad, _learner())
     with pytest.raises(TypeError, match='lacks'): Runner().fit(1, object())
+    for k, what in (('train_dl', r'the training data loader \(train_dl\) is empty: it has no batch to run'),
+                    ('valid_dl', r'the validation data loader \(valid_dl\) is empty')):
+        learn = _learner()
+        empty = torch.utils.data.TensorDataset(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))   # ours refuses an empty Dataset
+        setattr(learn.data, k, torch.utils.data.DataLoader(empty, batch_size=4))
+        with pytest.raises(ValueError, match=what): Runner().fit(1, learn)
+        Runner().fit(0, learn)   # no epoch: nothing to run, nothing refused
 
 
 def test_cbs_cb_funcs_add_and_remove():

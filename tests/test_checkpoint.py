@@ -156,15 +156,118 @@ def test_run_folder_publishes_all_or_nothing(tmp_path):
     RunFolder(tmp_path/'r').open().close()
 
 
-def test_run_folder_finishes_a_publication_cut_short(tmp_path, monkeypatch):
-    with RunFolder(tmp_path) as f: f.publish({'a': b'1'}, {'run': 1})
+def _killed_after(monkeypatch, n):
+    "`os.replace` that stops, like a killed process, after `n` renames of a published set (the journal's not counted)."
+    real, calls = os.replace, []
+    def replace(src, dst):
+        if Path(dst).name != 'publish.json':
+            if len(calls) == n: raise KeyboardInterrupt('killed')
+            calls.append(dst)
+        real(src, dst)
+    monkeypatch.setattr(os, 'replace', replace)
+
+
+@pytest.mark.parametrize('n', [0, 1, 2, 3, 4])  # a aside, a in, b in, summary.json aside (the 5th puts it in)
+def test_run_folder_finishes_a_publication_killed_after_any_rename(tmp_path, monkeypatch, n):
+    with RunFolder(tmp_path) as f: f.publish({'a': b'1', 'old': b'1'}, {'run': 1})
     with RunFolder(tmp_path) as f:
-        monkeypatch.setattr(RunFolder, '_roll_forward', lambda self: None)
-        monkeypatch.setattr(shutil, 'rmtree', lambda *a, **k: None)
-        f.publish({'a': b'2'}, {'run': 2})
+        _killed_after(monkeypatch, n)
+        with pytest.raises(KeyboardInterrupt): f.publish({'a': b'2', 'b': b'2'}, {'run': 2})
         monkeypatch.undo()
-        assert f.summary()['run'] == 1
-    with RunFolder(tmp_path) as f: assert _set(f)['run'] == 2 and (tmp_path/'a').read_bytes() == b'2'
+    assert (tmp_path/'.lesson9'/'publish.json').exists()
+    with RunFolder(tmp_path) as f:
+        s = _set(f)
+        assert s['run'] == 2 and (tmp_path/'a').read_bytes() == (tmp_path/'b').read_bytes() == b'2' and not (tmp_path/'old').exists()
+    assert not (tmp_path/'.lesson9'/'publish.json').exists() and not list((tmp_path/'.lesson9').glob('publish-*'))
+
+
+@pytest.mark.parametrize('n', [1, 2, 3, 4])
+def test_run_folder_puts_the_previous_set_back_when_an_unfinished_one_lost_a_file(tmp_path, monkeypatch, n):
+    "Recovery never deletes what the manifest in place lists: here `checkpoint.pt`, which the unfinished set drops."
+    with RunFolder(tmp_path) as f: f.publish({'a': b'1', 'checkpoint.pt': b'state'}, {'run': 1})
+    with RunFolder(tmp_path) as f:
+        _killed_after(monkeypatch, n)
+        with pytest.raises(KeyboardInterrupt): f.publish({'a': b'2', 'b': b'2'}, {'run': 2})
+        monkeypatch.undo()
+    stage = tmp_path/'.lesson9'/json.loads((tmp_path/'.lesson9'/'publish.json').read_text())['stage']
+    (stage/'new'/'b').unlink(missing_ok=True); (stage/'new'/'summary.json').unlink(missing_ok=True)  # the new set is no longer whole
+    with RunFolder(tmp_path) as f:
+        assert _set(f)['run'] == 1 and (tmp_path/'a').read_bytes() == b'1' and (tmp_path/'checkpoint.pt').read_bytes() == b'state'
+
+
+def test_run_folder_undoes_a_failed_rename_and_refuses_a_folder_in_the_way(tmp_path, monkeypatch):
+    with RunFolder(tmp_path) as f:
+        f.publish({'a': b'1', 'b': b'1', 'checkpoint.pt': b'state'}, {'run': 1})
+        real, calls = os.replace, []
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) == 5: raise PermissionError(errno.EPERM, 'Operation not permitted', str(dst))
+            real(src, dst)
+        monkeypatch.setattr(os, 'replace', replace)
+        with pytest.raises(PermissionError): f.publish({'a': b'2', 'b': b'2'}, {'run': 2})   # drops checkpoint.pt
+        monkeypatch.undo()
+        assert _set(f)['run'] == 1 and (tmp_path/'a').read_bytes() == b'1' and (tmp_path/'checkpoint.pt').read_bytes() == b'state'
+        assert not (tmp_path/'.lesson9'/'publish.json').exists()
+        (tmp_path/'b').unlink(); (tmp_path/'b').mkdir()
+        with pytest.raises(IsADirectoryError, match='a folder is in the way of the output b'): f.publish({'a': b'3', 'b': b'3'}, {'run': 3})
+        assert (tmp_path/'a').read_bytes() == b'1' and f.summary()['run'] == 1 and (tmp_path/'b').is_dir()
+
+
+def test_run_folder_leaves_a_stage_without_journal_nowhere(tmp_path):
+    with RunFolder(tmp_path) as f: f.publish({'a': b'1'}, {'run': 1})
+    (tmp_path/'.lesson9'/'publish-crashed').mkdir()  # killed while staging, before its journal
+    with RunFolder(tmp_path) as f: assert _set(f)['run'] == 1
+    assert not (tmp_path/'.lesson9'/'publish-crashed').exists()
+
+
+def test_run_folder_close_discard_removes_only_what_its_open_made(tmp_path):
+    f = RunFolder(tmp_path/'new').open(); f.close(discard=True)
+    assert sorted(p.name for p in (tmp_path/'new').iterdir()) == []
+    with RunFolder(tmp_path/'old') as f: f.publish({'a': b'1'}, {'run': 1})
+    (tmp_path/'old'/'.lesson9'/'lock').write_bytes(b'12345')   # the pid of the run that held it last
+    f = RunFolder(tmp_path/'old').open()
+    assert (tmp_path/'old'/'.lesson9'/'lock').read_bytes() == str(os.getpid()).encode()
+    f.close(discard=True)
+    assert (tmp_path/'old'/'.lesson9'/'lock').read_bytes() == b'12345' and _set(RunFolder(tmp_path/'old'))['run'] == 1
+
+
+def test_read_checkpoint_refuses_a_damaged_or_partial_file(tmp_path):
+    ckpt = Checkpoint(tmp_path/'ck.pt')
+    make_runner('constant', ckpt).fit(1, make_learner())
+    raw = bytearray((tmp_path/'ck.pt').read_bytes())
+    with __import__('zipfile').ZipFile(tmp_path/'ck.pt') as z:   # flip one bit inside the weights' record
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    pos = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.file_size // 2
+    raw[pos] ^= 1; (tmp_path/'bad.pt').write_bytes(raw)
+    with pytest.raises(CheckpointError, match=r'bad.pt is damaged: its record .* no longer matches the checksum'): read_checkpoint(tmp_path/'bad.pt')
+    state = read_checkpoint(tmp_path/'ck.pt')
+    for key, value in [('runner', None), ('opt', [1, 2]), ('extra', 'x')]:
+        broken = dict(state); broken.pop(key) if value is None else broken.__setitem__(key, value)
+        torch.save(broken, tmp_path/'partial.pt')
+        with pytest.raises(CheckpointError, match=f"partial.pt is not a whole checkpoint: expected dicts for {key}"): read_checkpoint(tmp_path/'partial.pt')
+
+
+def test_divergence_by_ratio_to_the_first_loss(tmp_path):
+    class Inflate(Callback):
+        _order = 40
+        def after_loss(self):
+            if self.in_train and self.n_iter >= 4: self.run.loss = self.run.loss * 50
+    with pytest.raises(TrainingDiverged, match=r'at epoch 1, batch 5 of 10 .*more than 10 times the first training loss \(2\.'):
+        Runner([Inflate(), DivergenceCallback()]).fit(2, make_learner())
+    with pytest.raises(TrainingDiverged, match='batch 5 of 10'):
+        Runner([Inflate(), DivergenceCallback(every=1, max_ratio=20)]).fit(2, make_learner())
+    Runner([Inflate(), DivergenceCallback(max_ratio=60)]).fit(1, make_learner())   # 50 times is under 60
+    Runner([Inflate(), DivergenceCallback(max_ratio=None)]).fit(1, make_learner())
+    # the first loss is part of the state: a resumed fit measures against the run's first loss, not its own
+    ckpt = Checkpoint(tmp_path/'ck.pt')
+    Runner([DivergenceCallback(), ckpt, StopAt(ckpt, 0, True, 1)]).fit(2, make_learner())
+    class InflateLate(Callback):
+        _order = 40
+        def after_loss(self):
+            if self.in_train: self.run.loss = self.run.loss * 8   # 8 times: under 10 times its own first, over 10 times the run's
+    learn = make_learner(); state, _ = load_checkpoint(tmp_path/'ck.pt', learn)
+    state['cbs']['divergence']['start'] = state['cbs']['divergence']['start'] * 0.5
+    with pytest.raises(TrainingDiverged, match='more than 10 times'): Runner([InflateLate(), DivergenceCallback(), Checkpoint(tmp_path/'ck2.pt')]).fit(2, learn, resume=state)
 
 
 def test_lr_find_leaves_loaders_and_random_state_as_they_were():
@@ -194,3 +297,67 @@ def test_a_fit_that_raised_leaves_nothing_for_the_next():
     next(iter(fresh.data.train_dl))         # the failed fit drew its epoch's order: so does this one
     Runner().fit(1, fresh)
     assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), fresh.model.parameters()))
+
+
+def _momentum_checkpoint(tmp_path):
+    "A checkpoint of a momentum-SGD run stopped inside epoch 2 (shuffled loader with its own generator)."
+    ckpt = Checkpoint(tmp_path/'ck.pt')
+    make_runner('constant', ckpt, StopAt(ckpt, 1, True, 3)).fit(2, make_learner())
+    return read_checkpoint(tmp_path/'ck.pt')
+
+
+def _put(d, path, value):
+    *head, last = path
+    for k in head: d = d[k]
+    if value is KeyError: del d[last]
+    else: d[last] = value
+
+
+@pytest.mark.parametrize('path,value,message', [
+    (('model', '0.weight'), lambda t: t.double(), "model weight '0.weight' is torch.float64 (50, 784), the model's torch.float32 (50, 784)"),
+    (('model', '2.bias'), lambda t: t[:5], "model weight '2.bias' is torch.float32 (5,), the model's torch.float32 (10,)"),
+    (('model', '2.bias'), KeyError, "the model's keys differ: missing ['2.bias']"),
+    (('model', 'extra'), lambda t: torch.zeros(1), "unexpected ['extra']"),
+    (('opt', 'state', 7), lambda t: {'momentum_buffer': torch.zeros(3)}, "holds state for parameter 7, which none of its param groups lists"),
+    (('opt', 'state', 0, 'momentum_buffer'), lambda t: t[:3], "momentum_buffer of parameter 0 is torch.float32 (3, 784), the parameter torch.float32 (50, 784)"),
+    (('loaders', 'train_dl', 'order'), lambda t: t.clone().index_fill_(0, torch.tensor([0]), 600), 'not an order of 600 samples'),
+    (('loaders', 'train_dl', 'order'), lambda t: t.float(), 'the saved order must be a 1-d int64 tensor, got torch.float32'),
+    (('loaders', 'train_dl', 'generator'), lambda t: 3, 'the saved generator state must be a uint8 tensor, got int'),
+    (('rng', 'cpu'), lambda t: t[:10], "the random state is not torch's"),
+    (('runner', 'pos'), lambda t: 1.5, 'the saved position pos=1.5 is outside [0, 1]'),
+    (('runner', 'iter'), lambda t: 'three', "the saved state's iter must be a number >= 0, got 'three'"),
+    (('runner', 'in_train'), lambda t: 1, "the saved state's in_train must be True or False, got 1"),
+    (('runner', 'cbs'), KeyError, "missing ['cbs']"),
+])
+def test_a_checkpoint_is_checked_as_data_before_it_is_loaded(tmp_path, path, value, message):
+    state = _momentum_checkpoint(tmp_path)
+    old = state
+    for k in path[:-1]: old = old[k]
+    _put(state, path, value if value is KeyError else value(old.get(path[-1]) if isinstance(old, dict) else None))
+    torch.save(state, tmp_path/'bad.pt')
+    learn = make_learner(seed=5)
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    with pytest.raises(CheckpointError, match='bad.pt does not fit this learner: .*' + __import__('re').escape(message)):
+        load_checkpoint(tmp_path/'bad.pt', learn)
+    if path[0] in ('model', 'rng', 'runner'):   # found before anything was loaded: the learner is as it was
+        assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), before))
+
+
+def test_the_loop_checker_carries_on_across_a_resume(tmp_path):
+    from lesson9.callbacks import InvariantsCallback
+    ckpt = Checkpoint(tmp_path/'ck.pt')
+    Runner([InvariantsCallback(), AvgStatsCallback([accuracy], report=None), ckpt, StopAt(ckpt, 1, True, 3)]).fit(3, make_learner())
+    learn = make_learner(seed=4)
+    state, _ = load_checkpoint(tmp_path/'ck.pt', learn)
+    assert state['cbs']['invariants'] == {'n_train': 14}
+    run = Runner([InvariantsCallback(), AvgStatsCallback([accuracy], report=None)]); run.fit(3, learn, resume=state)
+    assert run.n_iter == 30
+
+
+def test_accuracy_as_a_count_refuses_targets_of_another_shape():
+    from lesson9.callbacks import AvgStats, n_correct
+    out, y = torch.randn(8, 10), torch.arange(8)
+    one_hot = torch.eye(10)[y].long()
+    for f in (lambda: n_correct(out, one_hot), lambda: AvgStats([accuracy], True).accumulate(torch.tensor(1.), out, one_hot)):
+        with pytest.raises(ValueError, match=r'target must hold one label per row of out: expected shape \(8,\), got \(8, 10\)'): f()
+    assert n_correct(out, y) == (out.argmax(1) == y).sum()

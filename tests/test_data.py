@@ -128,6 +128,14 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path/'lesson9'
 
 
+def test_a_cache_that_is_a_file_is_named(tmp_path):
+    (tmp_path/'cache').write_text('mine')
+    for dest in (tmp_path/'cache', tmp_path/'cache'/'sub'):
+        with pytest.raises(DataError, match=f"the data cache {dest} is not a folder"):
+            download('t10k-labels-idx1-ubyte.gz', '0'*32, dest, ['http://127.0.0.1:9/'])
+    assert (tmp_path/'cache').read_text() == 'mine'
+
+
 def test_embedded_split_is_deterministic():
     a, b = load_embedded(), get_data('embedded')
     assert all(torch.equal(u, v) for u, v in zip(a, b))

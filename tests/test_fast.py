@@ -379,3 +379,44 @@ def test_compiled_step_is_never_taken_from_a_cache_made_for_other_cpu_kernels(tm
         assert res['why_eager'] is None, res['why_eager']  # it compiled
         assert all(math.isfinite(v) for v in res['fast'])
         assert max(abs(a - b) for a, b in zip(res['fast'], res['eager'])) < 1e-5
+
+
+def test_a_build_that_fails_in_the_cache_is_compiled_again_in_a_fresh_one(monkeypatch, tmp_path):
+    "A first compile that fails where torch's cache is (as with a library cut to 0 bytes by a Ctrl-C) is tried again in a fresh cache."
+    import os
+    from lesson9.fast import CompileCacheWarning, FastStep
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path/'broken'))
+    monkeypatch.setattr(FastRunner, '_fresh_cache', None)
+    real = FastStep._backend
+    def backend(self, gm, example_inputs):
+        if os.environ['TORCHINDUCTOR_CACHE_DIR'] == str(tmp_path/'broken'):
+            raise RuntimeError(f"ImportError: {tmp_path/'broken'/'x.so'}: file too short")
+        return real(self, gm, example_inputs)
+    monkeypatch.setattr(FastStep, '_backend', backend)
+    with pytest.warns(CompileCacheWarning, match=r"compile cache .*broken gave a broken build .*file too short.*compiled again in a fresh cache"):
+        pair = fit_pair(lambda: [], mode='compile')
+    assert pair[1][2].why_eager is None and pair[1][2].fast.n_graphs == 2   # compiled, in the fresh cache
+    assert_same(pair)
+    fresh = os.environ['TORCHINDUCTOR_CACHE_DIR']
+    assert fresh == FastRunner._fresh_cache and fresh != str(tmp_path/'broken')
+    __import__('shutil').rmtree(fresh, ignore_errors=True)
+
+
+def test_a_build_that_fails_anywhere_runs_eagerly_with_its_whole_reason(monkeypatch, tmp_path):
+    import os
+    from lesson9.fast import FastStep
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path/'cache'))
+    monkeypatch.setattr(FastRunner, '_fresh_cache', None)
+    def backend(self, gm, example_inputs): raise RuntimeError("backend raised:\nCppCompileError: no compiler here")
+    monkeypatch.setattr(FastStep, '_backend', backend)
+    with pytest.warns(EagerFallbackWarning, match='CppCompileError: no compiler here'):
+        pair = fit_pair(lambda: [], mode='compile')
+    assert 'backend raised: CppCompileError: no compiler here' in pair[1][2].why_eager
+    assert os.environ['TORCHINDUCTOR_CACHE_DIR'] == str(tmp_path/'cache')   # the user's cache, kept
+    assert_same(pair)
+
+
+def test_the_reason_for_running_eagerly_keeps_its_cause():
+    from lesson9.fast import _reason
+    e = RuntimeError("backend='_backend' raised:\nImportError: /c/x.so: file too short\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace")
+    assert _reason(e) == "RuntimeError: backend='_backend' raised: ImportError: /c/x.so: file too short"
