@@ -103,7 +103,8 @@ class ParamScheduler(Callback):
         self._funcs = list(f) if isinstance(f, (list, tuple)) else [f]*len(groups)
         fits = len(self._funcs) == len(groups) and all(self.pname in g for g in groups)
         self._betas = not fits and self._uses_betas()  # momentum as Adam's betas[0], or else an error
-        self._set(0.)
+        resume = self.run._resume  # the state a resumed fit carries on from (04), or None
+        self._set(0. if resume is None else resume['pos'])  # where this fit starts
 
     def _set(self, pos):
         if self._betas: return self._set_betas(pos)
