@@ -8,7 +8,7 @@ __all__ = ['CHECKPOINT_FORMAT', 'training_state', 'save_checkpoint', 'Checkpoint
            'RunFolder']
 
 # %% ../nbs/06_checkpoint.ipynb #070cd761
-import contextlib, errno, fcntl, hashlib, io, json, math, os, shutil, signal, tempfile, zipfile
+import contextlib, copy, errno, fcntl, hashlib, io, json, math, os, shutil, signal, tempfile, zipfile
 from pathlib import Path
 
 import torch
@@ -96,20 +96,26 @@ def _check_fits(state:dict, model):
     if not isinstance(r.get('epochs'), int): raise ValueError(f"the runner's state has no number of epochs (epochs={r.get('epochs')!r})")
     _check_resume(r, r['epochs'])
 
+def _load_parts(learn, model:dict, opt:dict, loaders:dict):
+    "Load the model's, the optimizer's and the loaders' states into `learn`."
+    learn.model.load_state_dict(model)
+    learn.opt.load_state_dict(opt)
+    for k, sd in loaders.items(): getattr(learn.data, k).load_state_dict(sd)
+
 def load_checkpoint(path, # a file written by `save_checkpoint`
                     learn # the `Learner` to restore: same model and optimizer classes, same data
                    )->tuple:
     "Check that `learn` can take the saved state, then restore its model, optimizer and loaders, and torch's random state; return `(runner_state, extra)` for `fit(..., resume=runner_state)`."
     state = read_checkpoint(path)
+    loaders = _loader_states(learn.data)
+    before = copy.deepcopy((learn.model.state_dict(), learn.opt.state_dict(), loaders))  # put back if any part does not fit
     try:
         _check_fits(state, learn.model)
-        learn.model.load_state_dict(state['model'])
-        learn.opt.load_state_dict(state['opt'])
-        loaders = _loader_states(learn.data)
         if set(loaders) != set(state['loaders']):
             raise ValueError(f"the checkpoint has loader states for {sorted(state['loaders'])}, this learner's loaders {sorted(loaders)}")
-        for k, sd in state['loaders'].items(): getattr(learn.data, k).load_state_dict(sd)
+        _load_parts(learn, state['model'], state['opt'], state['loaders'])
     except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
+        _load_parts(learn, *before)
         raise CheckpointError(f"{path} does not fit this learner: {str(e).splitlines()[0]}") from None
     _set_rng_state(state['rng'])
     return state['runner'], state['extra']

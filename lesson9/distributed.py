@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['World', 'world_info', 'setup_distributed', 'is_main_process', 'barrier', 'destroy_distributed', 'distributed',
-           'shard_bounds', 'ShardedSampler', 'ShardedLoader', 'shard_loss_weight', 'pack_stats', 'unpack_stats',
-           'DistributedCallback', 'DistributedCheckpoint']
+           'shard_bounds', 'ShardedSampler', 'ShardedLoader', 'shard_loss_weight', 'loss_share', 'pack_stats',
+           'unpack_stats', 'whole_batch_layer', 'DistributedCallback', 'DistributedCheckpoint']
 
 # %% ../nbs/07_distributed.ipynb #2c3d5d4c
 import contextlib, datetime, hashlib, os, sys
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .callbacks import AvgStatsCallback, Callback, DataBunch, GradientAccumulation
@@ -201,6 +202,15 @@ def shard_loss_weight(n_local:int, # samples in this rank's part
     "Factor on a rank's mean loss such that the mean of the ranks' gradients (what DDP computes) is the gradient of the global batch's mean loss."
     return n_local * world_size / n_global
 
+# %% ../nbs/07_distributed.ipynb #fa4c6a49
+def loss_share(loss:torch.Tensor, # this rank's mean loss over its part of the batch
+               n_local:int, # samples in this rank's part
+               n_global:int # samples in the global batch
+              )->torch.Tensor:
+    "This rank's term of the global batch's mean loss, `loss * n_local / n_global`, detached; 0 for a part of no samples (whose own mean is NaN)."
+    if n_local == 0: return torch.zeros_like(loss.detach())
+    return loss.detach() * (n_local / n_global)
+
 # %% ../nbs/07_distributed.ipynb #b2a798ba
 def pack_stats(stats:list, # `AvgStats` objects
                device # where the packed tensor goes (the process group's device)
@@ -223,6 +233,23 @@ def unpack_stats(stats:list, # the `AvgStats` objects given to `pack_stats`
         like = s.sums[0] if s.sums is not None else c  # keep the device and dtype the sums had
         s.sums = [v.to(like.device, like.dtype) for v in c[:-1].unbind()]
         s.count = round(n)
+
+# %% ../nbs/07_distributed.ipynb #566b25b6
+_WHOLE_BATCH = (  # (layer type, whether an instance is affected, what it does with the batch in training)
+    (nn.modules.batchnorm._BatchNorm, lambda m: True, "normalises with the statistics of the batch, which each rank would compute over its part only"),
+    (nn.modules.instancenorm._InstanceNorm, lambda m: m.track_running_stats, "averages its running statistics over the batch, which each rank would do over its part only"),
+    (nn.modules.dropout._DropoutNd, lambda m: m.p > 0, "draws random masks, which each rank would draw from its own generator"),
+    (nn.RReLU, lambda m: True, "draws random slopes, which each rank would draw from its own generator"),
+    (nn.MultiheadAttention, lambda m: m.dropout > 0, "drops attention weights at random, which each rank would draw from its own generator"),
+)
+
+def whole_batch_layer(model:nn.Module # the model to train on several ranks
+                     )->tuple:
+    "`(name, type name, why)` of the first layer of `model` whose training result depends on the whole batch (BatchNorm, dropout), else None."
+    for name, m in model.named_modules():
+        for cls, affected, why in _WHOLE_BATCH:
+            if isinstance(m, cls) and affected(m): return name or 'the model', type(m).__name__, why
+    return None
 
 # %% ../nbs/07_distributed.ipynb #28cf450c
 def _comm_device()->torch.device:
@@ -264,16 +291,20 @@ class DistributedCallback(Callback):
         self.world, self.active, self._saved = World(), False, None
 
     def begin_fit(self):
-        run = self.run
+        run, learn = self.run, self.run.learn
         self.world = world = setup_distributed(self.backend, self.timeout)
-        self.active = world.world_size > 1
-        if not self.active: return  # one process: nothing to do
+        if world.world_size == 1: return  # one process: nothing to do
+        # the checks raise alike on every rank, before anything is changed
         if any(isinstance(cb, GradientAccumulation) for cb in run.cbs):
             raise ValueError("DistributedCallback does not combine with GradientAccumulation: use a larger global batch instead")
-        learn = run.learn
+        if found := whole_batch_layer(learn.model):
+            name, kind, why = found
+            raise ValueError(f"DistributedCallback cannot give one process's result with layer {name!r} ({kind}): in training it {why}; "
+                             "train in one process, or use layers that treat each sample alone (LayerNorm, GroupNorm, dropout p=0)")
+        _check_same_data(learn.data, world)
+        self.active, self._device = True, _comm_device()
         self._stats_cbs = [cb for cb in run.cbs if isinstance(cb, AvgStatsCallback)]
         self._saved = learn.model, learn.data, [(cb, cb.report) for cb in self._stats_cbs]  # put back at after_fit
-        _check_same_data(learn.data, world)
         shard = lambda dl: None if dl is None else ShardedLoader(dl, world.rank, world.world_size)
         learn.data = DataBunch(shard(learn.data.train_dl), shard(learn.data.valid_dl), learn.data.c)
         dev = next(learn.model.parameters()).device
@@ -285,9 +316,12 @@ class DistributedCallback(Callback):
     def after_loss(self):
         if not self.active: return
         run, n = self.run, len(self.run.yb)
-        if not run.in_train: return  # (a part of no samples adds nothing to the stats: `AvgStats` skips it)
+        n_global = run.dl.global_size(run.iter)
+        loss = loss_share(run.loss, n, n_global).to(self._device)
+        dist.all_reduce(loss)  # the global batch's mean loss, the same number on every rank
+        run.loss = loss.to(run.loss.device)
         # an empty part has weight 0: a zero gradient (not NaN), and still a backward pass, which DDP waits for
-        run.loss_grad = run.loss_grad * shard_loss_weight(n, run.dl.global_size(run.iter), self.world.world_size)
+        if run.in_train: run.loss_grad = run.loss_grad * shard_loss_weight(n, n_global, self.world.world_size)
 
     def after_epoch(self):
         if not self.active: return

@@ -1,6 +1,6 @@
 """lesson9.checkpoint as the package ships it: exact resume from any batch boundary, stop on request, the divergence
 check, and the run folder's one-set publishing."""
-import contextlib, errno, json, math, os, shutil
+import contextlib, copy, errno, json, math, os, shutil
 from pathlib import Path
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 import lesson9.checkpoint as ck
 from lesson9.anneal import Recorder, lr_find, one_cycle
-from lesson9.callbacks import AvgStatsCallback, Callback, DataBunch, GradientAccumulation, Learner, Runner
+from lesson9.callbacks import AvgStatsCallback, Callback, CancelTrain, DataBunch, GradientAccumulation, Learner, Runner
 from lesson9.checkpoint import (Checkpoint, CheckpointError, DivergenceCallback, RunFolder, RunFolderBusy, TrainingDiverged,
                                 load_checkpoint, read_checkpoint, save_checkpoint, sha256sum, strict_json)
 from lesson9.data import get_data
@@ -108,6 +108,9 @@ def test_divergence_named_at_its_batch_and_checked_without_a_sync_per_batch(monk
     with pytest.raises(TrainingDiverged, match='batch 2 of 10'): run.fit(2, make_learner(lr=1e38))
     assert len(run.recorder.losses) == 3
     with pytest.raises(ValueError, match='every=0'): DivergenceCallback(every=0)
+    for bad in (1, 0.5, True, math.inf, '10'):
+        with pytest.raises(ValueError, match=f"max_ratio must be None or a finite number > 1, got max_ratio={bad!r}"): DivergenceCallback(max_ratio=bad)
+    DivergenceCallback(max_ratio=1.01)
 
 
 def test_divergence_check_carries_unchecked_losses_over_a_resume(tmp_path):
@@ -193,6 +196,54 @@ def test_run_folder_puts_the_previous_set_back_when_an_unfinished_one_lost_a_fil
     (stage/'new'/'b').unlink(missing_ok=True); (stage/'new'/'summary.json').unlink(missing_ok=True)  # the new set is no longer whole
     with RunFolder(tmp_path) as f:
         assert _set(f)['run'] == 1 and (tmp_path/'a').read_bytes() == b'1' and (tmp_path/'checkpoint.pt').read_bytes() == b'state'
+
+
+def test_run_folder_finishes_a_publication_killed_after_its_manifest_went_in(tmp_path, monkeypatch):
+    with RunFolder(tmp_path) as f: f.publish({'a': b'1', 'old': b'1'}, {'run': 1})
+    with RunFolder(tmp_path) as f:
+        def killed(self, j): raise KeyboardInterrupt('killed')
+        monkeypatch.setattr(RunFolder, '_commit', killed)   # every file moved in, the manifest too; the old set not yet cleared
+        with pytest.raises(KeyboardInterrupt): f.publish({'a': b'2', 'b': b'2'}, {'run': 2})
+        monkeypatch.undo()
+    assert (tmp_path/'.lesson9'/'publish.json').exists()
+    with RunFolder(tmp_path) as f:
+        assert _set(f)['run'] == 2 and (tmp_path/'a').read_bytes() == b'2' and not (tmp_path/'old').exists()
+
+
+@pytest.mark.parametrize('n', [1, 2])
+def test_run_folder_undoing_a_publication_keeps_a_file_both_sets_share(tmp_path, monkeypatch, n):
+    "`b` is the same in both sets and was not moved yet: undoing the unfinished set must not take it for a new file."
+    with RunFolder(tmp_path) as f: f.publish({'a': b'1', 'b': b'same'}, {'run': 1})
+    with RunFolder(tmp_path) as f:
+        _killed_after(monkeypatch, n)
+        with pytest.raises(KeyboardInterrupt): f.publish({'a': b'2', 'b': b'same', 'c': b'2'}, {'run': 2})
+        monkeypatch.undo()
+    stage = tmp_path/'.lesson9'/json.loads((tmp_path/'.lesson9'/'publish.json').read_text())['stage']
+    (stage/'new'/'c').unlink(); (stage/'new'/'summary.json').unlink()  # the new set is no longer whole: it is undone
+    with RunFolder(tmp_path) as f:
+        assert _set(f)['run'] == 1 and (tmp_path/'a').read_bytes() == b'1' and (tmp_path/'b').read_bytes() == b'same'
+
+
+def test_run_folder_does_not_finish_a_set_whose_moved_file_changed(tmp_path, monkeypatch):
+    with RunFolder(tmp_path) as f: f.publish({'a': b'1', 'b': b'1'}, {'run': 1})
+    with RunFolder(tmp_path) as f:
+        _killed_after(monkeypatch, 2)   # a aside, the new a in
+        with pytest.raises(KeyboardInterrupt): f.publish({'a': b'2', 'b': b'2'}, {'run': 2})
+        monkeypatch.undo()
+    (tmp_path/'a').write_bytes(b'changed since')   # the moved-in file is no longer the set's: finishing would publish it
+    with RunFolder(tmp_path) as f:
+        assert _set(f)['run'] == 1 and (tmp_path/'a').read_bytes() == b'1' and (tmp_path/'b').read_bytes() == b'1'
+
+
+@pytest.mark.skipif(not Path('/proc/self/fd').is_dir(), reason='names an open file through /proc (Linux)')
+def test_run_folder_flushes_every_published_file_to_disk(tmp_path, monkeypatch):
+    synced, real = [], os.fsync
+    def fsync(fd):
+        synced.append(os.readlink(f'/proc/self/fd/{fd}')); real(fd)
+    monkeypatch.setattr(os, 'fsync', fsync)
+    with RunFolder(tmp_path) as f: f.publish({'a': b'1', 'b': lambda fh: fh.write(b'2')}, {'run': 1})
+    names = {Path(s).name for s in synced}
+    assert {'a', 'b', 'summary.json'} <= names and str(tmp_path) in synced, synced   # each file, and the folder after the renames
 
 
 def test_run_folder_undoes_a_failed_rename_and_refuses_a_folder_in_the_way(tmp_path, monkeypatch):
@@ -336,11 +387,18 @@ def test_a_checkpoint_is_checked_as_data_before_it_is_loaded(tmp_path, path, val
     _put(state, path, value if value is KeyError else value(old.get(path[-1]) if isinstance(old, dict) else None))
     torch.save(state, tmp_path/'bad.pt')
     learn = make_learner(seed=5)
-    before = [p.detach().clone() for p in learn.model.parameters()]
+    Runner([]).fit(1, learn)   # momentum buffers and a loader order of its own, to be kept
+    before = [p.detach().clone() for p in learn.model.parameters()], learn.opt.state_dict(), ck._loader_states(learn.data)
+    before = __import__('copy').deepcopy(before)
     with pytest.raises(CheckpointError, match='bad.pt does not fit this learner: .*' + __import__('re').escape(message)):
         load_checkpoint(tmp_path/'bad.pt', learn)
-    if path[0] in ('model', 'rng', 'runner'):   # found before anything was loaded: the learner is as it was
-        assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), before))
+    weights, opt, loaders = before   # a checkpoint that does not fit changes nothing
+    assert all(torch.equal(p, q) for p, q in zip(learn.model.parameters(), weights))
+    now = learn.opt.state_dict()
+    assert [{k: v for k, v in g.items() if k != 'params'} for g in now['param_groups']] == [{k: v for k, v in g.items() if k != 'params'} for g in opt['param_groups']]
+    assert all(torch.equal(now['state'][i]['momentum_buffer'], s['momentum_buffer']) for i, s in opt['state'].items())
+    for k, sd in ck._loader_states(learn.data).items():
+        assert torch.equal(sd['order'], loaders[k]['order']) and torch.equal(sd['generator'], loaders[k]['generator'])
 
 
 def test_the_loop_checker_carries_on_across_a_resume(tmp_path):
@@ -361,6 +419,123 @@ def test_accuracy_as_a_count_refuses_targets_of_another_shape():
     for f in (lambda: n_correct(out, one_hot), lambda: AvgStats([accuracy], True).accumulate(torch.tensor(1.), out, one_hot)):
         with pytest.raises(ValueError, match=r'target must hold one label per row of out: expected shape \(8,\), got \(8, 10\)'): f()
     assert n_correct(out, y) == (out.argmax(1) == y).sum()
+
+
+class _Planted:
+    "Unpickled, it would create the file `path`: what a crafted checkpoint could run if the loader unpickled anything."
+    def __init__(self, path): self.path = path
+    def __reduce__(self): return (open, (self.path, 'w'))
+
+
+def test_a_crafted_pickle_is_refused_and_never_run(tmp_path):
+    planted = tmp_path/'ran'
+    state = {'format': 1, 'model': {'w': _Planted(str(planted))}, 'opt': {}, 'runner': {}, 'loaders': {}, 'rng': {}, 'extra': {}}
+    torch.save(state, tmp_path/'crafted.pt')  # a well-formed zip: only the unpickling can refuse it
+    with pytest.raises(CheckpointError, match=r'crafted.pt is not a readable checkpoint: UnpicklingError'):
+        read_checkpoint(tmp_path/'crafted.pt')
+    with pytest.raises(CheckpointError, match='not a readable checkpoint'): load_checkpoint(tmp_path/'crafted.pt', make_learner())
+    assert not planted.exists()
+
+
+def test_validation_losses_never_count_as_divergence():
+    "The check reads training losses only: a validation loss 1000 times the first training loss is a bad model, not a diverged run."
+    learn = make_learner()
+    base = learn.loss_func
+    learn.loss_func = lambda pred, yb: base(pred, yb) * (1 if learn.model.training else 1000)
+    run = Runner([AvgStatsCallback([], report=None), DivergenceCallback(every=1)])
+    run.fit(2, learn)
+    assert run.avg_stats.history[-1]['valid_loss'] > 100 * run.avg_stats.history[-1]['train_loss']
+
+
+class _Wrapped(torch.nn.Module):
+    "A model inside a wrapper that keeps it as `.module`, as DistributedDataParallel does."
+    def __init__(self, module): super().__init__(); self.module = module
+    def forward(self, x): return self.module(x)
+
+
+def test_training_state_is_a_copy_of_the_inner_model_on_the_cpu():
+    learn = make_learner()
+    states = []
+    class Grab(Callback):
+        def after_epoch(self): states.append(ck.training_state(self.run))
+    learn.model = _Wrapped(learn.model)
+    Runner([Grab()]).fit(2, learn)
+    inner = learn.model.module.state_dict()
+    assert list(states[0]['model']) == list(inner)            # the model's own keys, not 'module.0.weight'
+    assert all(torch.equal(states[1]['model'][k], v) for k, v in inner.items())
+    assert not any(torch.equal(states[0]['model'][k], v) for k, v in inner.items() if k.endswith('weight'))  # epoch 2 moved them: a copy
+    assert all(t.data_ptr() != v.data_ptr() for t, v in zip(states[1]['model'].values(), inner.values()))
+
+
+def test_a_checkpoint_with_other_loaders_does_not_fit(tmp_path):
+    ckpt = Checkpoint(tmp_path/'ck.pt')
+    Runner([ckpt]).fit(1, make_learner())
+    learn = make_learner()
+    learn.data.valid_dl = torch.utils.data.DataLoader(Dataset(x_valid, y_valid), 128)  # torch's loader keeps no state
+    with pytest.raises(CheckpointError, match=r"ck.pt does not fit this learner: the checkpoint has loader states for \['train_dl', 'valid_dl'\], this learner's loaders \['train_dl'\]"):
+        load_checkpoint(tmp_path/'ck.pt', learn)
+
+
+class _SaveAt(Callback):
+    "Keeps `run.state_dict()` at one batch (epoch, in_train, iter) and stops the fit there, as a signal would."
+    _order = 200
+    def __init__(self, at): self.at, self.state = at, None
+    def after_batch(self):
+        if (self.epoch, self.in_train, self.iter) == self.at:
+            self.state = self.run.state_dict(); raise CancelTrain()
+
+
+def test_resume_refuses_another_fit_or_other_callbacks_and_leaves_the_state_as_it_was():
+    save, learn = _SaveAt((0, True, 3)), make_learner()
+    Runner([AvgStatsCallback([accuracy], report=None), save]).fit(2, learn)
+    state = save.state
+    with pytest.raises(ValueError, match='the saved run is a fit of 2 epochs, not 3: resume it with epochs=2'):
+        Runner([AvgStatsCallback([accuracy], report=None)]).fit(3, make_learner(), resume=state)
+    with pytest.raises(ValueError, match=r"the saved state is for callbacks with state \['avg_stats'\], but this runner's are \['avg_stats', 'recorder'\]"):
+        Runner([AvgStatsCallback([accuracy], report=None), Recorder()]).fit(2, make_learner(), resume=state)
+    kept = copy.deepcopy(state)
+    Runner([AvgStatsCallback([accuracy], report=None)]).fit(2, learn, resume=state)   # the learner as the stop left it
+    saved, now = kept['cbs']['avg_stats']['train'], state['cbs']['avg_stats']['train']
+    assert saved['count'] == now['count'] and all(torch.equal(a, b) for a, b in zip(saved['sums'], now['sums']))  # a resumed fit adds to copies
+
+
+def test_two_callbacks_with_state_under_one_name_are_refused():
+    class Twin(AvgStatsCallback): name = 'avg_stats'
+    save = _SaveAt((0, True, 0))
+    with pytest.raises(ValueError, match="two callbacks named 'avg_stats' hold state: rename one"):
+        Runner([AvgStatsCallback([accuracy], report=None), Twin([accuracy], report=None), save]).fit(1, make_learner())
+
+
+def test_a_phase_saved_complete_is_not_run_again_even_by_a_loader_that_cannot_continue():
+    "Saved after the last training batch: the resumed epoch goes straight to validation, with any loader (torch's too)."
+    def learner():
+        learn = make_learner()
+        learn.data.train_dl = torch.utils.data.DataLoader(Dataset(x_train, y_train), 64)  # no iter_from: it cannot continue an epoch
+        return learn
+    n = len(learner().data.train_dl)
+    save = _SaveAt((0, True, n - 1))
+    Runner([save]).fit(1, learner())
+    class Count(Callback):
+        seen = []
+        def after_batch(self): self.seen.append(self.in_train)
+    Runner([Count()]).fit(1, learner(), resume=save.state)
+    assert Count.seen == [False] * len(make_learner().data.valid_dl)
+
+
+def test_a_saved_state_is_a_snapshot_that_later_batches_do_not_change():
+    "A state kept in memory (not only one written to a file) must not follow the training it was taken from."
+    class Keep(Callback):
+        _order = 200
+        def after_batch(self):
+            if (self.epoch, self.in_train, self.iter) == (0, True, 1):   # inside an accumulation window of 3
+                self.state = self.run.state_dict(); self.copy = copy.deepcopy(self.state)
+    keep = Keep()
+    Runner([AvgStatsCallback([accuracy], report=None), GradientAccumulation(3), keep]).fit(1, make_learner())
+    window, at_save = keep.state['cbs']['gradient_accumulation'], keep.copy['cbs']['gradient_accumulation']
+    assert any(g is not None for g in at_save['grads'])
+    assert all(torch.equal(a, b) for a, b in zip(window['grads'], at_save['grads']) if b is not None)
+    train, train_at_save = keep.state['cbs']['avg_stats']['train'], keep.copy['cbs']['avg_stats']['train']
+    assert all(torch.equal(a, b) for a, b in zip(train['sums'], train_at_save['sums']))
 
 
 def _same_opt(a, b):

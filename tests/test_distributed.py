@@ -1,6 +1,8 @@
 """Training under torchrun gives what one process gives: weights, every rank's history, exact validation metrics.
 
-Each job is tests/dist_worker.py under `python -m torch.distributed.run` on 127.0.0.1 with gloo, CPU only.
+Each job is tests/dist_worker.py under `python -m torch.distributed.run` on 127.0.0.1 with gloo, CPU only. Besides
+the main training it trains on a few small sets cut unevenly across the ranks (`dist_worker.EDGES`) and checks
+`DistributedCheckpoint`.
 Starting torch in a process takes seconds on a small machine, so all jobs start together once per module
 (`jobs`), and each test checks the files one job left: 3 processes on one machine, 2 processes, 2 processes
 of which one fails, and two simulated machines (two torchrun agents, `--nnodes=2`) of one process each.
@@ -93,6 +95,14 @@ def one_process():
     return learn.model.state_dict(), run.avg_stats.history
 
 
+@pytest.fixture(scope='module')
+def one_process_edges():
+    "Each of `dist_worker.EDGES` trained in this process, without the distributed callback."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    try: return [W.fit_edge(e) for e in W.EDGES]
+    finally: torch.set_num_threads(n)
+
+
 def _max_diff(a:dict, b:dict)->float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
@@ -134,11 +144,50 @@ def test_validation_equals_one_process_evaluation(jobs, job):
     assert last['valid_acc'] == pytest.approx(ref['valid_acc'], abs=1e-6)
 
 
+@pytest.mark.parametrize('job', [2, 3, 'nodes'])
+def test_uneven_parts_give_what_one_process_gives(jobs, one_process_edges, job):
+    # parts of no samples, batches smaller than the world, sizes no world size divides, shuffled or not
+    ranks = jobs[job].ranks()
+    for edge, ref, *got in zip(W.EDGES, one_process_edges, *(r['edges'] for r in ranks)):
+        for r, g in enumerate(got):
+            assert _max_diff(g['weights'], got[0]['weights']) == 0 and torch.equal(g['losses'], got[0]['losses']), (edge, r)
+            assert g['history'] == got[0]['history'] and g['counts'] == edge[:2], (edge, r)  # every sample once, each epoch
+        g = got[0]
+        assert _max_diff(g['weights'], ref['weights']) < 1e-5, edge
+        # every batch's loss is the global batch's: no NaN for an empty part, what the divergence check and a plot read
+        assert g['losses'].shape == ref['losses'].shape and torch.allclose(g['losses'], ref['losses'], atol=1e-6, rtol=0), edge
+        for h, hr in zip(g['history'], ref['history']):
+            assert h.keys() == hr.keys() and all(h[k] == pytest.approx(hr[k], abs=1e-6) for k in h), (edge, h, hr)
+
+
+@pytest.mark.parametrize('edge', W.EDGES)
+def test_uneven_parts_in_a_world_of_one(monkeypatch, one_process_edges, edge):
+    # torchrun --nproc_per_node=1 sets these: no process group, and the callback changes nothing, to the bit
+    monkeypatch.setenv('RANK', '0'); monkeypatch.setenv('LOCAL_RANK', '0'); monkeypatch.setenv('WORLD_SIZE', '1')
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    try: got = W.fit_edge(edge, [DistributedCallback()])
+    finally: torch.set_num_threads(n)
+    ref = one_process_edges[W.EDGES.index(edge)]
+    assert _max_diff(got['weights'], ref['weights']) == 0 and torch.equal(got['losses'], ref['losses'])
+    assert got['history'] == ref['history'] and got['counts'] == ref['counts'] == edge[:2]
+
+
+@pytest.mark.parametrize('job', [2, 3])
+def test_a_stop_asked_on_one_rank_stops_every_rank_after_the_epoch(jobs, job):
+    # DistributedCheckpoint: the highest rank alone asks during epoch 1; rank 0 alone writes, slowly, and every rank
+    # finds the file whole when its fit returns
+    ranks = jobs[job].ranks()
+    for r in ranks:
+        assert r['ck_stopped_at'] == {'epoch': 1, 'in_train': True, 'iter': 0}, r['rank']
+        assert r['ck_writes'] == (['dist_checkpoint.pt'] if r['rank'] == 0 else []), r['rank']
+        assert r['ck_epoch'] == 1, f"rank {r['rank']} went on before rank 0 had written the checkpoint"
+
+
 def test_only_rank_0_reports_and_writes(jobs):
     job = jobs[3]
     ranks = job.ranks()
     (rc, stdout, stderr), = job.wait()
-    assert sorted(p.name for p in job.out.iterdir()) == ['checkpoint.pt', 'history.json']
+    assert sorted(p.name for p in job.out.iterdir()) == ['checkpoint.pt', 'dist_checkpoint.pt', 'history.json']
     saved = json.loads((job.out/'history.json').read_text())
     assert saved['written_by'] == 0 and saved['history'] == ranks[0]['history']
     # one report per epoch (rank 0's), not one per rank
@@ -159,13 +208,13 @@ def test_a_failing_rank_ends_the_job(jobs):
     assert not list(job.results.iterdir()) and not list(job.out.iterdir())  # no rank got to the end
 
 
-def _rank_main(rank, port, seeds, results):
+def _rank_main(rank, port, seeds, results, layer=None):
     "One of two ranks started by hand (torchrun's variables set here): fit one epoch with its loader seeded by `seeds[rank]`."
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
         with distributed(timeout=W.TIMEOUT):
-            get_runner([DistributedCallback(timeout=W.TIMEOUT)], report=None).fit(1, W.make_learner(seeds[rank]))
+            get_runner([DistributedCallback(timeout=W.TIMEOUT)], report=None).fit(1, W.make_learner(seeds[rank], layer=layer))
         outcome = 'ok'
     except Exception as e: outcome = f"{type(e).__name__}: {e}"
     (results/f'rank{rank}.txt').write_text(outcome)
@@ -174,9 +223,23 @@ def _rank_main(rank, port, seeds, results):
 @pytest.mark.parametrize('seeds,error', [((2, 3), "ValueError: ranks [1] would not draw the same batches as rank 0"),
                                          ((None, None), "ValueError: the training loader shuffles with torch's global generator (seed=None)")])
 def test_ranks_that_would_draw_different_batches_stop_at_once(tmp_path, seeds, error):
+    _two_ranks(tmp_path, error, seeds)
+
+
+@pytest.mark.parametrize('layer,error', [
+    (torch.nn.BatchNorm1d(5), "ValueError: DistributedCallback cannot give one process's result with layer '1' (BatchNorm1d): "
+                              "in training it normalises with the statistics of the batch"),
+    (torch.nn.Dropout(0.5), "ValueError: DistributedCallback cannot give one process's result with layer '1' (Dropout): "
+                            "in training it draws random masks")])
+def test_layers_that_see_the_whole_batch_are_refused_at_once(tmp_path, layer, error):
+    _two_ranks(tmp_path, error, (2, 2), layer)
+
+
+def _two_ranks(tmp_path, error, seeds, layer=None):
+    "Fit on two ranks forked from this process; both must stop with `error`, and none hang."
     # two processes forked from this one (torch is already imported: they start at once), without torchrun
     ctx, port = multiprocessing.get_context('fork'), _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, seeds, tmp_path)) for r in range(2)]
+    procs = [ctx.Process(target=_rank_main, args=(r, port, seeds, tmp_path, layer)) for r in range(2)]
     for p in procs: p.start()
     for p in procs: p.join(HANG_GUARD)
     hung = [p.pid for p in procs if p.is_alive()]
