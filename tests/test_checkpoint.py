@@ -536,3 +536,44 @@ def test_a_saved_state_is_a_snapshot_that_later_batches_do_not_change():
     assert all(torch.equal(a, b) for a, b in zip(window['grads'], at_save['grads']) if b is not None)
     train, train_at_save = keep.state['cbs']['avg_stats']['train'], keep.copy['cbs']['avg_stats']['train']
     assert all(torch.equal(a, b) for a, b in zip(train['sums'], train_at_save['sums']))
+
+
+def _same_opt(a, b):
+    "Two optimizer `state_dict()`s equal: every hyper-parameter of every param group, and every state tensor bit for bit."
+    assert a['param_groups'] == b['param_groups'], (a['param_groups'], b['param_groups'])
+    assert a['state'].keys() == b['state'].keys()
+    for k in a['state']:
+        sa, sb = a['state'][k], b['state'][k]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[n], sb[n]) if torch.is_tensor(sa[n]) else sa[n] == sb[n] for n in sa), k
+
+
+@pytest.mark.parametrize('schedule', ['one_cycle', 'wd_and_betas'])
+def test_a_resumed_fit_leaves_the_optimizer_as_the_fit_that_never_stopped(tmp_path, schedule):
+    "Stopped anywhere, inside the last epoch too or after it, a resumed fit ends with the same param groups and state."
+    from lesson9.anneal import ParamScheduler, sched_cos, sched_lin
+    if schedule == 'one_cycle':  # lr and momentum of our SGD (lr 0.3/25 at pos 0, 0.3/1e4 at pos 1)
+        def learner(seed=0): return make_learner(seed=seed)
+        def scheds(): return one_cycle(0.3)
+    else:  # torch's Adam: lr, momentum as betas[0], and weight decay, none of them ending where it starts
+        def learner(seed=0):
+            learn = make_learner(seed=seed)
+            learn.opt = torch.optim.Adam(learn.model.parameters(), lr=1e-3, weight_decay=0.)
+            return learn
+        def scheds(): return [ParamScheduler('lr', sched_cos(1e-3, 1e-5)), ParamScheduler('momentum', sched_lin(0.95, 0.85)),
+                              ParamScheduler('weight_decay', sched_lin(0., 1e-4))]
+    def runner(*cbs): return Runner([AvgStatsCallback([accuracy], report=None), Recorder(), *scheds(), *cbs])
+    torch.manual_seed(1)
+    learn = learner(); runner().fit(3, learn)
+    whole = learn.opt.state_dict()
+    # 10 training and 4 validation batches an epoch: stops early, mid-training, in validation, after the last
+    # training batch, inside the last validation, and after the last epoch
+    for at in [(0, True, 1), (1, True, 9), (1, False, 0), (2, True, 8), (2, True, 9), (2, False, 1), (2, True, None)]:
+        ckpt = Checkpoint(tmp_path/'ck.pt')
+        torch.manual_seed(1)
+        runner(StopAt(ckpt, *at), ckpt).fit(3, learner())
+        assert ckpt.stopped_at is not None, at
+        torch.manual_seed(99)
+        again = learner(seed=5)
+        state, _ = load_checkpoint(tmp_path/'ck.pt', again)
+        runner().fit(3, again, resume=state)
+        _same_opt(again.opt.state_dict(), whole)

@@ -7,7 +7,7 @@ Two runs of every notebook, each reported per notebook, so one failure never hid
    (no OMP_NUM_THREADS) and without MPLBACKEND (a learner's kernel has Jupyter's inline backend), one
    notebook at a time. No cell may fail; every cell that made a figure (a `<Figure ...>` text or an
    image) shows it as an image, and so does every cell whose stored output is an image (what the docs
-   show); 05_anneal shows each of its 8 figures as an image; `ProgressCallback` draws its HTML bar in a
+   show); 05_anneal shows each of its 9 figures as an image; `ProgressCallback` draws its HTML bar in a
    notebook, and nothing when turned off.
 2. **Under nbdev_test on another machine's numerics.** ATen's portable kernels
    (`ATEN_CPU_CAPABILITY=default`, the unvectorised code a CPU without AVX gets) and one torch
@@ -147,13 +147,13 @@ def test_figures_render_as_images(name, executed):
 
 
 def test_anneal_shows_every_figure(executed):
-    "05_anneal makes 8 figures (Recorder, LR finder, schedules): each one is an image in a fresh kernel."
+    "05_anneal makes 9 figures (the first batches, Recorder, schedules, LR finder): each one is an image in a fresh kernel."
     name = '05_anneal.ipynb'
     if name not in executed: pytest.skip(f"nbs/{name} does not exist")
     cells = [c for c in json.loads(executed[name]['nb'])['cells'] if c['cell_type'] == 'code']
     figures = [c for c in cells if any(_figure_text.search(_text(o.get('data', {}).get('text/plain'))) for o in c['outputs'])]
     images = [c for c in cells if any(k in o.get('data', {}) for o in c['outputs'] for k in IMAGE_TYPES)]
-    assert len(figures) == 8 and images == figures, (len(figures), len(images))
+    assert len(figures) == 9 and images == figures, (len(figures), len(images))
 
 
 def test_progress_bar_in_a_notebook(executed):
