@@ -420,3 +420,131 @@ def test_the_reason_for_running_eagerly_keeps_its_cause():
     from lesson9.fast import _reason
     e = RuntimeError("backend='_backend' raised:\nImportError: /c/x.so: file too short\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace")
     assert _reason(e) == "RuntimeError: backend='_backend' raised: ImportError: /c/x.so: file too short"
+
+
+# ---------------------------------------------------------------- what the step assumed, checked at every batch
+
+class FreezeAt(Callback):
+    "Freezes the first layer at begin_epoch of epoch `epoch` (the optimizer keeps it: torch's SGD skips it, having no gradient)."
+    def __init__(self, epoch): self.at = epoch
+    def begin_epoch(self):
+        if self.run.epoch == self.at: self.run.model[0].requires_grad_(False)
+
+
+class Smoothing:
+    "A cross entropy whose label smoothing is a Python value, changed by `ScheduleSmoothing` during the fit."
+    def __init__(self): self.eps = 0.
+    def __call__(self, out, yb): return F.cross_entropy(out, yb, label_smoothing=self.eps)
+
+
+class ScheduleSmoothing(Callback):
+    "Sets the loss's label smoothing per epoch and, with `per_batch`, per batch too."
+    def __init__(self, per_batch=False): self.per_batch = per_batch
+    def begin_epoch(self): self.run.loss_func.eps = 0.1 * self.run.epoch
+    def begin_batch(self):
+        if self.per_batch and self.run.in_train: self.run.loss_func.eps = 0.05 * (self.run.iter % 2)
+
+
+class WithUnused(nn.Module):
+    "The tiny MLP and a layer that forward never uses: it gets no gradient."
+    def __init__(self):
+        super().__init__()
+        self.body, self.unused = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)), nn.Linear(3, 3)
+    def forward(self, x): return self.body(x)
+
+
+def unused_learner(**kw):
+    learn = tiny_learner(**kw)
+    torch.manual_seed(0)
+    learn.model = WithUnused()
+    learn.opt = SGD(learn.model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    return learn
+
+
+@pytest.mark.parametrize('mode', ['func', 'compile'])
+def test_a_layer_frozen_by_a_callback_during_the_fit_stays_put(mode):
+    with pytest.warns(EagerFallbackWarning, match=r"parameter '0.weight' was frozen \(requires_grad False\) during the fit"):
+        pair = fit_pair(lambda: [FreezeAt(1)], mode=mode, momentum=0.9, weight_decay=0.01)
+    assert_same(pair)
+    (l0, _, _), (l1, _, run) = pair
+    assert run.fast is None and run.why_eager.startswith("parameter '0.weight' was frozen")
+    frozen = tiny_learner(momentum=0.9, weight_decay=0.01)  # the weights after epoch 1, when the layer froze
+    Runner().fit(1, frozen)
+    assert torch.allclose(l1.model[0].weight, frozen.model[0].weight, atol=1e-6, rtol=0)  # and not one step more
+
+
+@pytest.mark.parametrize('mode', ['func', 'compile'])
+def test_a_parameter_without_a_gradient_is_not_moved(mode):
+    learn, ref = unused_learner(), unused_learner()
+    before = learn.model.unused.weight.detach().clone()
+    run = FastRunner([Recorder()], mode=mode)
+    with pytest.warns(EagerFallbackWarning, match=r"the loss gives no gradient to unused.weight, unused.bias \(unused in forward\?\)"):
+        run.fit(2, learn)
+    Runner([Recorder()]).fit(2, ref)
+    assert torch.equal(learn.model.unused.weight, before) and run.fast is None
+    for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize('per_batch', [False, True])
+def test_compiled_step_sees_python_values_a_callback_changes(per_batch):
+    pair = fit_pair(lambda: [ScheduleSmoothing(per_batch)], mode='compile', loss_func=Smoothing(), momentum=0.9)
+    assert_same(pair)
+    assert pair[1][2].why_eager is None and pair[1][2].fast.n_graphs >= 3  # one graph per value of eps at least
+
+
+class StopAt(Callback):
+    "Saves the runner, model and optimizer at after_batch of training batch `n` (counted over the fit), then stops."
+    _order = 100
+    def __init__(self, n): self.n, self.saved = n, None
+    def after_batch(self):
+        run = self.run
+        if run.in_train and run.n_iter == self.n:
+            self.saved = (run.state_dict(), copy.deepcopy(run.model.state_dict()), copy.deepcopy(run.opt.state_dict()))
+            raise CancelTrain()
+
+
+def fit_stopped_then_resumed(make_cbs, stop_at, epochs=3, mode='func', **kw):
+    "A FastRunner stopped at after_batch of training batch `stop_at`, then carried on by a fresh FastRunner and learner."
+    stop = StopAt(stop_at)
+    FastRunner([AvgStatsCallback([accuracy], report=None), Recorder(), stop] + make_cbs(), mode=mode).fit(epochs, tiny_learner(**kw))
+    state, model_sd, opt_sd = stop.saved
+    learn, rec = tiny_learner(**kw), Recorder()
+    with torch.no_grad():
+        for p in learn.model.parameters(): p.add_(1.)  # not the saved weights until they are loaded
+    learn.model.load_state_dict(model_sd); learn.opt.load_state_dict(opt_sd)
+    run = FastRunner([AvgStatsCallback([accuracy], report=None), rec] + make_cbs(), mode=mode)
+    run.fit(epochs, learn, resume=state)
+    return learn, rec, run
+
+
+@pytest.mark.parametrize('mode', ['func', 'compile'])
+def test_resume_stopped_inside_an_accumulation_window(mode):
+    make_cbs, kw = SCHEDULES['gradient accumulation']
+    eager = fit_pair(make_cbs, **kw)[0]
+    for stop_at in ((1, 8) if mode == 'func' else (8,)):  # inside the first window of epochs 1 and 2 (compiled: torch's recompile limit)
+        learn, rec, run = fit_stopped_then_resumed(make_cbs, stop_at, mode=mode, **kw)
+        assert run.why_eager is None
+        for p, q in zip(eager[0].model.parameters(), learn.model.parameters()): assert torch.allclose(p, q, atol=1e-5, rtol=0)
+        assert len(rec.losses) == len(eager[1].losses) and max(abs(a - b) for a, b in zip(eager[1].losses, rec.losses)) <= 1e-5
+        for h0, h1 in zip(eager[2].avg_stats.history, run.avg_stats.history): assert all(abs(h0[k] - h1[k]) <= 1e-5 for k in h0)
+
+
+def labels_with(bad, at=20):
+    learn = tiny_learner(loss_func=cross_entropy)
+    learn.data.train_dl.ds.y[at] = bad  # in the third batch: the step has compiled and run by then
+    return learn
+
+
+@pytest.mark.parametrize('bad', [-1, 3])
+def test_compiled_step_refuses_a_bad_label_with_the_eager_message(bad):
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, 3\): got label {bad} with n_classes=3"):
+        Runner().fit(1, labels_with(bad))
+    learn = labels_with(bad)
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    run = FastRunner([Recorder()], mode='compile')
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, 3\): got label {bad} with n_classes=3"):
+        run.fit(1, learn)
+    assert len(run.recorder.losses) == 2  # the two batches before the bad one, trained
+    ref = labels_with(bad)
+    with pytest.raises(ValueError): Runner().fit(1, ref)
+    for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.allclose(p, q, atol=1e-6, rtol=0)
