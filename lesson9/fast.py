@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['IN_BATCH', 'FAST_PATH_MODES', 'FAST_MODES', 'in_batch_events', 'fast_path_mode', 'why_not_fast', 'sgd_coeffs',
-           'sgd_update', 'FastPathRefused', 'FastStep', 'EagerFallbackWarning', 'CompileCacheWarning', 'FastRunner', 'get_fast_runner']
+           'sgd_update', 'FastPathRefused', 'FastStep', 'EagerFallbackWarning', 'CompileCacheWarning', 'FastRunner',
+           'get_fast_runner']
 
 # %% ../nbs/08_fast.ipynb #c8ea3f2b
 import os, shutil, tempfile, time, warnings
