@@ -255,16 +255,19 @@ class FastStep:
         if self.mode != 'compile' and (bn, do_step) not in self._probed:  # compiled: each new graph is probed instead
             self._probe(); self._probed.add((bn, do_step))
         if self.mode != 'func': self._check_labels()  # 'func' runs the loss eagerly: its checks run there
-        bufs, had = self._momentum_buffers()
-        key = [v for g, h in zip(self.opt.param_groups, had) for v in sgd_coeffs(g, h)]
-        if key != self._coeff_key: self._set(self.coeffs, self._coeff_key, key); self._coeff_key = key
+        bufs = None  # a batch that only accumulates reads no buffer, and must make none: the first step's buffer is d
+        if do_step:
+            bufs, had = self._momentum_buffers()
+            key = [v for g, h in zip(self.opt.param_groups, had) for v in sgd_coeffs(g, h)]
+            if key != self._coeff_key: self._set(self.coeffs, self._coeff_key, key); self._coeff_key = key
         if ga is not None:
             self._open_window()
             if do_step and [samples] != self._samples_key: self._set(self.samples, self._samples_key, [samples]); self._samples_key = [samples]
         sums = self._stats_sums()
         try: loss, pred = self._call(self.views, bufs, self.accs, self.coeffs, self.samples, sums, run.xb, run.yb, do_step)
         except Exception:
-            for p in getattr(self, '_new_bufs', []): del self.opt.state[p]['momentum_buffer']  # leave the optimizer as it was
+            if do_step:
+                for p in self._new_bufs: del self.opt.state[p]['momentum_buffer']  # leave the optimizer as it was
             raise
         self.calls += 1
         for st in self.stats: st.count += bn

@@ -70,6 +70,7 @@ SCHEDULES = {
     'one-cycle, nesterov, weight decay': (lambda: one_cycle(0.3), dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
     'torch SGD, dampening': (lambda: one_cycle(0.3), dict(opt_func=torch.optim.SGD, momentum=0.9, dampening=0.2)),
     'gradient accumulation': (lambda: [GradientAccumulation(3)], dict(opt_func=torch.optim.SGD, momentum=0.9)),
+    'accumulation, dampening': (lambda: [GradientAccumulation(2)], dict(momentum=0.8, dampening=0.3)),  # the first step's buffer is d
 }
 
 
@@ -424,11 +425,14 @@ def test_the_reason_for_running_eagerly_keeps_its_cause():
 
 # ---------------------------------------------------------------- what the step assumed, checked at every batch
 
+def first_layer(model): return next(m for m in model.modules() if isinstance(m, nn.Linear))
+
+
 class FreezeAt(Callback):
     "Freezes the first layer at begin_epoch of epoch `epoch` (the optimizer keeps it: torch's SGD skips it, having no gradient)."
     def __init__(self, epoch): self.at = epoch
     def begin_epoch(self):
-        if self.run.epoch == self.at: self.run.model[0].requires_grad_(False)
+        if self.run.epoch == self.at: first_layer(self.run.model).requires_grad_(False)
 
 
 class Smoothing:
@@ -548,3 +552,88 @@ def test_compiled_step_refuses_a_bad_label_with_the_eager_message(bad):
     ref = labels_with(bad)
     with pytest.raises(ValueError): Runner().fit(1, ref)
     for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- parity as a property
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+OPTS = {'constant': {}, 'momentum': dict(momentum=0.9), 'weight decay': dict(weight_decay=0.05),
+        'nesterov': dict(momentum=0.9, nesterov=True, weight_decay=0.01), 'dampening': dict(momentum=0.8, dampening=0.3)}
+
+
+@st.composite
+def fits(draw, mode):
+    "A small fit: optimizer settings, a schedule, accumulation, layers frozen at the start or by a callback, an unused layer, a loss setting changed per epoch or batch, and where to stop."
+    return dict(mode=mode, opt=draw(st.sampled_from(sorted(OPTS))), torch_sgd=draw(st.booleans()), one_cycle=draw(st.booleans()),
+                accumulate=draw(st.sampled_from([None, 2, 3])), frozen=draw(st.sampled_from([None, 'in opt', 'left out'])),
+                freeze_at=draw(st.sampled_from([None, 1, 2])), unused=draw(st.booleans()),
+                smoothing=draw(st.sampled_from([None, 'epoch', 'batch'])), stop=draw(st.integers(1, 13)))
+
+
+def cfg_learner(cfg):
+    learn = tiny_learner(loss_func=Smoothing() if cfg['smoothing'] else F.cross_entropy)
+    torch.manual_seed(0)
+    model = learn.model = WithUnused() if cfg['unused'] else nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    if cfg['frozen']: first_layer(model).requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad or cfg['frozen'] == 'in opt']
+    learn.opt = (torch.optim.SGD if cfg['torch_sgd'] else SGD)(params, lr=0.1, **OPTS[cfg['opt']])
+    return learn
+
+
+def cfg_cbs(cfg):
+    cbs = [AvgStatsCallback([accuracy], report=None), Recorder()]
+    if cfg['one_cycle']: cbs += one_cycle(0.3) if 'momentum' in OPTS[cfg['opt']] else [ParamScheduler('lr', sched_no(0.3, 0.1))]
+    if cfg['accumulate']: cbs.append(GradientAccumulation(cfg['accumulate']))
+    if cfg['freeze_at']: cbs.append(FreezeAt(cfg['freeze_at']))
+    if cfg['smoothing']: cbs.append(ScheduleSmoothing(per_batch=cfg['smoothing'] == 'batch'))
+    return cbs
+
+
+def outcome(learn, run):
+    return ([p.detach().clone() for p in learn.model.parameters()], list(run.recorder.losses), run.avg_stats.history,
+            [learn.opt.state.get(p, {}).get('momentum_buffer') for p in learn.model.parameters()])
+
+
+def assert_outcomes_close(a, b, eps):
+    for p, q in zip(a[0], b[0]): assert torch.allclose(p, q, atol=eps, rtol=0), (p - q).abs().max()
+    assert len(a[1]) == len(b[1]) and all(abs(x - y) <= eps for x, y in zip(a[1], b[1]))
+    assert len(a[2]) == len(b[2]) and all(abs(h0[k] - h1[k]) <= eps for h0, h1 in zip(a[2], b[2]) for k in h0)
+    for x, y in zip(a[3], b[3]): assert (x is None) == (y is None) and (x is None or torch.allclose(x, y, atol=eps, rtol=0))
+
+
+def check_fit(cfg, epochs=3):
+    torch.compiler.reset()  # each example within torch's recompile limit
+    learn = cfg_learner(cfg); run = Runner(cfg_cbs(cfg)); run.fit(epochs, learn)
+    eager = outcome(learn, run)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', EagerFallbackWarning)
+        learn = cfg_learner(cfg); run = FastRunner(cfg_cbs(cfg), mode=cfg['mode']); run.fit(epochs, learn)
+        never_fast = run._step is None or run._step.calls == 0
+        assert_outcomes_close(eager, outcome(learn, run), 0 if never_fast else 1e-5)  # all eager: the same operations
+        # refused exactly when the eager answer needs it: a parameter without a gradient, or one frozen during the fit
+        frozen_later = cfg['freeze_at'] is not None and cfg['freeze_at'] < epochs and cfg['frozen'] is None
+        assert (run.why_eager is not None) == bool(cfg['unused'] or cfg['frozen'] == 'in opt' or frozen_later
+                                                   or run.why_eager and 'recompile' in run.why_eager), run.why_eager
+        # stopped after training batch `stop`, then carried on by a fresh runner and learner
+        stop = StopAt(cfg['stop'])
+        run = FastRunner(cfg_cbs(cfg) + [stop], mode=cfg['mode']); run.fit(epochs, cfg_learner(cfg))
+        state, model_sd, opt_sd = stop.saved
+        learn = cfg_learner(cfg)
+        learn.model.load_state_dict(model_sd); learn.opt.load_state_dict(opt_sd)
+        if cfg['freeze_at'] and state['epoch'] >= cfg['freeze_at']: first_layer(learn.model).requires_grad_(False)  # as it was
+        run = FastRunner(cfg_cbs(cfg), mode=cfg['mode']); run.fit(epochs, learn, resume=state)
+    assert_outcomes_close(eager, outcome(learn, run), 1e-5)
+
+
+_PROPERTY = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@settings(max_examples=30, **_PROPERTY)
+@given(fits('func'))
+def test_fast_runner_and_its_resume_match_the_eager_runner(cfg): check_fit(cfg)
+
+
+@settings(max_examples=3, **_PROPERTY)
+@given(fits('compile'))
+def test_compiled_fast_runner_and_its_resume_match_the_eager_runner(cfg): check_fit(cfg, epochs=2)
