@@ -189,9 +189,12 @@ class FastStep:
             raise FastPathRefused(f"the loss gives no gradient to {', '.join(unused)} (unused in forward?)")
 
     def _check_labels(self):
-        "Run the loss's own checks of the labels on zeros, where the labels live on the CPU: a compiled graph cannot branch on their values."
-        yb = self.run.yb
-        if self._pred_tail is None or yb.device.type != 'cpu' or yb.dtype.is_floating_point: return
+        "Hand integer labels outside [0, classes) to the loss, on zeros, where they live on the CPU: its own checks raise its own error (a graph cannot branch on their values)."
+        yb, tail = self.run.yb, self._pred_tail
+        if not tail or yb.device.type != 'cpu' or yb.dtype.is_floating_point or yb.numel() == 0: return
+        if yb.dtype != torch.bool:
+            lo, hi = torch.aminmax(yb)  # on the CPU: reading them waits for nothing
+            if 0 <= lo.item() and hi.item() < tail[0]: return  # any class index is safe in the graph
         zeros = self._scratch.get(('pred', len(yb)))
         if zeros is None: zeros = self._scratch[('pred', len(yb))] = torch.zeros(len(yb), *self._pred_tail)
         self.loss_func(zeros, yb)

@@ -364,8 +364,8 @@ def test_resume_stopped_inside_an_accumulation_window(mode):
         for h0, h1 in zip(eager[2].avg_stats.history, run.avg_stats.history): assert all(abs(h0[k] - h1[k]) <= 1e-5 for k in h0)
 
 
-def labels_with(bad, at=20):
-    learn = tiny_learner(loss_func=cross_entropy)
+def labels_with(bad, at=20, loss_func=cross_entropy):
+    learn = tiny_learner(loss_func=loss_func)
     learn.data.train_dl.ds.y[at] = bad  # in the third batch: the step has compiled and run by then
     return learn
 
@@ -375,7 +375,6 @@ def test_compiled_step_refuses_a_bad_label_with_the_eager_message(bad):
     with pytest.raises(ValueError, match=rf"labels must lie in \[0, 3\): got label {bad} with n_classes=3"):
         Runner().fit(1, labels_with(bad))
     learn = labels_with(bad)
-    before = [p.detach().clone() for p in learn.model.parameters()]
     run = FastRunner([Recorder()], mode='compile')
     with pytest.raises(ValueError, match=rf"labels must lie in \[0, 3\): got label {bad} with n_classes=3"):
         run.fit(1, learn)
@@ -383,6 +382,16 @@ def test_compiled_step_refuses_a_bad_label_with_the_eager_message(bad):
     ref = labels_with(bad)
     with pytest.raises(ValueError): Runner().fit(1, ref)
     for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+def test_compiled_step_refuses_a_bad_label_for_torchs_loss_too():
+    "torch's cross entropy refuses -1 eagerly (-100 is its ignore_index); compiled, it would take -1 as the last class."
+    with pytest.raises(IndexError, match="Target -1 is out of bounds"): Runner().fit(1, labels_with(-1, loss_func=F.cross_entropy))
+    with pytest.raises(IndexError, match="Target -1 is out of bounds"):
+        FastRunner([Recorder()], mode='compile').fit(1, labels_with(-1, loss_func=F.cross_entropy))
+    pair = [labels_with(-100, loss_func=F.cross_entropy) for _ in range(2)]
+    Runner().fit(1, pair[0]); FastRunner(mode='compile').fit(1, pair[1])  # ignored, in both
+    for p, q in zip(*(l.model.parameters() for l in pair)): assert torch.allclose(p, q, atol=1e-6, rtol=0)
 
 
 class ChangeAt(Callback):
