@@ -296,8 +296,7 @@ def unused_learner(**kw):
     return learn
 
 
-@pytest.mark.parametrize('mode', ['func', 'compile'])
-def test_a_layer_frozen_by_a_callback_during_the_fit_stays_put(mode):
+def check_a_layer_frozen_by_a_callback_during_the_fit_stays_put(mode):
     with pytest.warns(EagerFallbackWarning, match=r"parameter '0.weight' was frozen \(requires_grad False\) during the fit"):
         pair = fit_pair(lambda: [FreezeAt(1)], mode=mode, momentum=0.9, weight_decay=0.01)
     assert_same(pair)
@@ -308,8 +307,10 @@ def test_a_layer_frozen_by_a_callback_during_the_fit_stays_put(mode):
     assert torch.allclose(l1.model[0].weight, frozen.model[0].weight, atol=1e-6, rtol=0)  # and not one step more
 
 
-@pytest.mark.parametrize('mode', ['func', 'compile'])
-def test_a_parameter_without_a_gradient_is_not_moved(mode):
+def test_a_layer_frozen_by_a_callback_during_the_fit_stays_put(): check_a_layer_frozen_by_a_callback_during_the_fit_stays_put('func')
+
+
+def check_a_parameter_without_a_gradient_is_not_moved(mode):
     learn, ref = unused_learner(), unused_learner()
     before = learn.model.unused.weight.detach().clone()
     run = FastRunner([Recorder()], mode=mode)
@@ -320,11 +321,7 @@ def test_a_parameter_without_a_gradient_is_not_moved(mode):
     for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.allclose(p, q, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize('per_batch', [False, True])
-def test_compiled_step_sees_python_values_a_callback_changes(per_batch):
-    pair = fit_pair(lambda: [ScheduleSmoothing(per_batch)], mode='compile', loss_func=Smoothing(), momentum=0.9)
-    assert_same(pair)
-    assert pair[1][2].why_eager is None and pair[1][2].fast.n_graphs >= 3  # one graph per value of eps at least
+def test_a_parameter_without_a_gradient_is_not_moved(): check_a_parameter_without_a_gradient_is_not_moved('func')
 
 
 class StopAt(Callback):
@@ -352,8 +349,7 @@ def fit_stopped_then_resumed(make_cbs, stop_at, epochs=3, mode='func', **kw):
     return learn, rec, run
 
 
-@pytest.mark.parametrize('mode', ['func', 'compile'])
-def test_resume_stopped_inside_an_accumulation_window(mode):
+def check_resume_stopped_inside_an_accumulation_window(mode):
     make_cbs, kw = SCHEDULES['gradient accumulation']
     eager = fit_pair(make_cbs, **kw)[0]
     for stop_at in ((1, 8) if mode == 'func' else (8,)):  # inside the first window of epochs 1 and 2 (compiled: torch's recompile limit)
@@ -364,34 +360,13 @@ def test_resume_stopped_inside_an_accumulation_window(mode):
         for h0, h1 in zip(eager[2].avg_stats.history, run.avg_stats.history): assert all(abs(h0[k] - h1[k]) <= 1e-5 for k in h0)
 
 
+def test_resume_stopped_inside_an_accumulation_window(): check_resume_stopped_inside_an_accumulation_window('func')
+
+
 def labels_with(bad, at=20, loss_func=cross_entropy):
     learn = tiny_learner(loss_func=loss_func)
     learn.data.train_dl.ds.y[at] = bad  # in the third batch: the step has compiled and run by then
     return learn
-
-
-@pytest.mark.parametrize('bad', [-1, 3])
-def test_compiled_step_refuses_a_bad_label_with_the_eager_message(bad):
-    with pytest.raises(ValueError, match=rf"labels must lie in \[0, 3\): got label {bad} with n_classes=3"):
-        Runner().fit(1, labels_with(bad))
-    learn = labels_with(bad)
-    run = FastRunner([Recorder()], mode='compile')
-    with pytest.raises(ValueError, match=rf"labels must lie in \[0, 3\): got label {bad} with n_classes=3"):
-        run.fit(1, learn)
-    assert len(run.recorder.losses) == 2  # the two batches before the bad one, trained
-    ref = labels_with(bad)
-    with pytest.raises(ValueError): Runner().fit(1, ref)
-    for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.allclose(p, q, atol=1e-6, rtol=0)
-
-
-def test_compiled_step_refuses_a_bad_label_for_torchs_loss_too():
-    "torch's cross entropy refuses -1 eagerly (-100 is its ignore_index); compiled, it would take -1 as the last class."
-    with pytest.raises(IndexError, match="Target -1 is out of bounds"): Runner().fit(1, labels_with(-1, loss_func=F.cross_entropy))
-    with pytest.raises(IndexError, match="Target -1 is out of bounds"):
-        FastRunner([Recorder()], mode='compile').fit(1, labels_with(-1, loss_func=F.cross_entropy))
-    pair = [labels_with(-100, loss_func=F.cross_entropy) for _ in range(2)]
-    Runner().fit(1, pair[0]); FastRunner(mode='compile').fit(1, pair[1])  # ignored, in both
-    for p, q in zip(*(l.model.parameters() for l in pair)): assert torch.allclose(p, q, atol=1e-6, rtol=0)
 
 
 class ChangeAt(Callback):
@@ -514,12 +489,53 @@ _PROPERTY = dict(deadline=None, derandomize=True, suppress_health_check=[HealthC
 def test_fast_runner_and_its_resume_match_the_eager_runner(cfg): check_fit(cfg)
 
 
+# ---------------------------------------------------------------- compiled on the CPU (each test compiles: seconds)
+
+def test_a_layer_frozen_by_a_callback_during_the_fit_stays_put_compiled(): check_a_layer_frozen_by_a_callback_during_the_fit_stays_put('compile')
+
+
+def test_a_parameter_without_a_gradient_is_not_moved_compiled(): check_a_parameter_without_a_gradient_is_not_moved('compile')
+
+
+def test_resume_stopped_inside_an_accumulation_window_compiled(): check_resume_stopped_inside_an_accumulation_window('compile')
+
+
+@pytest.mark.parametrize('per_batch', [False, True])
+def test_compiled_step_sees_python_values_a_callback_changes(per_batch):
+    pair = fit_pair(lambda: [ScheduleSmoothing(per_batch)], mode='compile', loss_func=Smoothing(), momentum=0.9)
+    assert_same(pair)
+    assert pair[1][2].why_eager is None and pair[1][2].fast.n_graphs >= 3  # one graph per value of eps at least
+
+
+@pytest.mark.parametrize('bad', [-1, 3])
+def test_compiled_step_refuses_a_bad_label_with_the_eager_message(bad):
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, 3\): got label {bad} with n_classes=3"):
+        Runner().fit(1, labels_with(bad))
+    learn = labels_with(bad)
+    run = FastRunner([Recorder()], mode='compile')
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, 3\): got label {bad} with n_classes=3"):
+        run.fit(1, learn)
+    assert len(run.recorder.losses) == 2  # the two batches before the bad one, trained
+    ref = labels_with(bad)
+    with pytest.raises(ValueError): Runner().fit(1, ref)
+    for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+def test_compiled_step_refuses_a_bad_label_for_torchs_loss_too():
+    "torch's cross entropy refuses -1 eagerly (-100 is its ignore_index); compiled, it would take -1 as the last class."
+    with pytest.raises(IndexError, match="Target -1 is out of bounds"): Runner().fit(1, labels_with(-1, loss_func=F.cross_entropy))
+    with pytest.raises(IndexError, match="Target -1 is out of bounds"):
+        FastRunner([Recorder()], mode='compile').fit(1, labels_with(-1, loss_func=F.cross_entropy))
+    pair = [labels_with(-100, loss_func=F.cross_entropy) for _ in range(2)]
+    Runner().fit(1, pair[0]); FastRunner(mode='compile').fit(1, pair[1])  # ignored, in both
+    for p, q in zip(*(l.model.parameters() for l in pair)): assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
 @settings(max_examples=3, **_PROPERTY)
 @given(fits('compile'))
 def test_compiled_fast_runner_and_its_resume_match_the_eager_runner(cfg): check_fit(cfg, epochs=2)
 
 
-# ---------------------------------------------------------------- compiled on the CPU (each test compiles: seconds)
 
 def test_compiled_one_cycle_with_a_partial_batch_matches_and_compiles_two_graphs_once():
     nf = []
