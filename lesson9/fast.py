@@ -159,7 +159,7 @@ class FastStep:
         self.accs = [torch.zeros_like(v) for v in self.views] if self.accum else None
         self._acc_zero = [True] * len(self.views)  # per accumulator: known to hold zeros
         self._sum_bufs, self._sum_views, self._scratch = [None] * len(self.stats), [None] * len(self.stats), {}
-        self._probed = set()  # kinds of call (batch size, step or not) whose parameters were probed in this fit
+        self._probed = set()  # cuda_graph: kinds of call (batch size, step or not) whose parameters were probed in this fit
 
     # -- what the step assumes, checked
     def _check(self):
@@ -255,8 +255,10 @@ class FastStep:
         if ga is not None:
             samples, batches = ga.samples + bn, ga.batches + 1
             do_step = not (batches < ga.n and run.iter < run.iters - 1)
-        if self.mode != 'compile' and (bn, do_step) not in self._probed:  # compiled: each new graph is probed instead
-            self._probe(); self._probed.add((bn, do_step))
+        # which parameters the loss reaches: uncompiled, at every batch (nothing else would see a change); compiled, before
+        # each new graph runs (in `_backend`); captured, before the first batch of each kind of this fit
+        if self.mode == 'func': self._probe()
+        elif self.mode == 'cuda_graph' and (bn, do_step) not in self._probed: self._probe(); self._probed.add((bn, do_step))
         if self.mode != 'func': self._check_labels()  # 'func' runs the loss eagerly: its checks run there
         bufs = None  # a batch that only accumulates reads no buffer, and must make none: the first step's buffer is d
         if do_step:

@@ -318,10 +318,41 @@ def check_a_parameter_without_a_gradient_is_not_moved(mode):
         run.fit(2, learn)
     Runner([Recorder()]).fit(2, ref)
     assert torch.equal(learn.model.unused.weight, before) and run.fast is None
+    assert run.why_eager == "the loss gives no gradient to unused.weight, unused.bias (unused in forward?)"
     for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.allclose(p, q, atol=1e-6, rtol=0)
 
 
 def test_a_parameter_without_a_gradient_is_not_moved(): check_a_parameter_without_a_gradient_is_not_moved('func')
+
+
+class Switchable(nn.Module):
+    "The tiny MLP and a last layer that forward uses while `use_extra` is True."
+    def __init__(self):
+        super().__init__()
+        self.body, self.extra, self.use_extra = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)), nn.Linear(3, 3), True
+    def forward(self, x): return self.extra(self.body(x)) if self.use_extra else self.body(x)
+
+
+class DropExtra(Callback):
+    def begin_epoch(self):
+        if self.run.epoch == 1: self.run.model.use_extra = False
+
+
+def check_a_layer_the_forward_stops_using_during_the_fit(mode):
+    learns = []
+    for make_runner in (Runner, lambda cbs: FastRunner(cbs, mode=mode)):
+        learn = tiny_learner(); torch.manual_seed(0)
+        learn.model = Switchable(); learn.opt = SGD(learn.model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        run = make_runner([Recorder(), DropExtra()])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always', EagerFallbackWarning); run.fit(3, learn)
+        learns.append(learn)
+    assert run.why_eager == "the loss gives no gradient to extra.weight, extra.bias (unused in forward?)"
+    assert run._step.calls == 7 and sum(w.category is EagerFallbackWarning for w in caught) == 1  # the first epoch in the step
+    for p, q in zip(*(l.model.parameters() for l in learns)): assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+def test_a_layer_the_forward_stops_using_during_the_fit(): check_a_layer_the_forward_stops_using_during_the_fit('func')
 
 
 class StopAt(Callback):
@@ -498,6 +529,11 @@ def test_a_parameter_without_a_gradient_is_not_moved_compiled(): check_a_paramet
 
 
 def test_resume_stopped_inside_an_accumulation_window_compiled(): check_resume_stopped_inside_an_accumulation_window('compile')
+
+
+def test_a_layer_the_forward_stops_using_during_the_fit_compiled():
+    "A graph traced for the new value of use_extra is probed before it runs, mid-fit."
+    check_a_layer_the_forward_stops_using_during_the_fit('compile')
 
 
 @pytest.mark.parametrize('per_batch', [False, True])

@@ -129,7 +129,7 @@ MUTANTS = [
     ('fast', '_check: maximize during the fit not noticed', "if g.get('maximize'): raise FastPathRefused", "if False: raise FastPathRefused"),
     ('fast', '_probe: unused parameters accepted', "        if unused:", "        if False:"),
     ('fast', '_probe: not run for a new compiled graph', "        self._probe()  # on the batch", "        pass  # on the batch"),
-    ('fast', '_probe: not run uncompiled', "if self.mode != 'compile' and (bn, do_step) not in self._probed:", "if False:"),
+    ('fast', '_probe: uncompiled, only at the first batch', "        if self.mode == 'func': self._probe()", "        if self.mode == 'func' and self.calls == 0: self._probe()"),
     ('fast', '_refusal: a wrapped refusal not found', "        if isinstance(e, FastPathRefused): return e", "        if False: return e"),
     ('fast', 'guards skipped once a graph exists', "        out = self._compiled(*args)", "        with torch.compiler.set_stance(skip_guard_eval_unsafe=self.n_graphs > 0): out = self._compiled(*args)"),
     ('fast', 'labels not checked', "if self.mode != 'func': self._check_labels()", "pass"),
