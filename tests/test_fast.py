@@ -515,7 +515,7 @@ def check_fit(cfg, epochs=3):
 _PROPERTY = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-@settings(max_examples=30, **_PROPERTY)
+@settings(max_examples=100, **_PROPERTY)
 @given(fits('func'))
 def test_fast_runner_and_its_resume_match_the_eager_runner(cfg): check_fit(cfg)
 
@@ -567,7 +567,7 @@ def test_compiled_step_refuses_a_bad_label_for_torchs_loss_too():
     for p, q in zip(*(l.model.parameters() for l in pair)): assert torch.allclose(p, q, atol=1e-6, rtol=0)
 
 
-@settings(max_examples=3, **_PROPERTY)
+@settings(max_examples=5, **_PROPERTY)
 @given(fits('compile'))
 def test_compiled_fast_runner_and_its_resume_match_the_eager_runner(cfg): check_fit(cfg, epochs=2)
 
