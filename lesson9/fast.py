@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['IN_BATCH', 'FAST_PATH_MODES', 'FAST_MODES', 'in_batch_events', 'fast_path_mode', 'why_not_fast', 'sgd_coeffs',
-           'sgd_update', 'FastStep', 'EagerFallbackWarning', 'CompileCacheWarning', 'FastRunner', 'get_fast_runner']
+           'sgd_update', 'FastPathRefused', 'FastStep', 'EagerFallbackWarning', 'CompileCacheWarning', 'FastRunner',
+           'get_fast_runner']
 
 # %% ../nbs/08_fast.ipynb #c8ea3f2b
 import os, shutil, tempfile, time, warnings
@@ -85,6 +86,9 @@ def sgd_update(params:list, # parameters, updated in place
             p.sub_(lr*(d_weight*d + buf_weight*buf))
 
 # %% ../nbs/08_fast.ipynb #11a3dbc3
+class FastPathRefused(Exception):
+    "The step cannot give the eager answer for this batch (the message says why): the runner runs it, and the rest of the fit, eagerly."
+
 class FastStep:
     "A training batch as one function of tensors (forward, loss, gradients, SGD step, stats, 'graph' callbacks), compiled or captured once."
     def __init__(self, run:Runner, # the runner being fitted: its learner, callbacks and batch state
@@ -92,15 +96,10 @@ class FastStep:
                 ):
         learn = run.learn
         self.run, self.mode, self.model, self.loss_func = run, mode, learn.model, learn.loss_func
-        self.stats = [cb.train_stats for cb in run.cbs if fast_path_mode(cb) == 'stats']
-        self.accum = next((cb for cb in run.cbs if fast_path_mode(cb) == 'accumulate'), None)
-        self.in_graph = [getattr(cb, e) for e in IN_BATCH for cb in run.cbs
-                         if fast_path_mode(cb) == 'graph' and e in in_batch_events(cb)]
-        self.after = {e: [getattr(cb, e) for cb in run.cbs if fast_path_mode(cb) == 'after' and e in in_batch_events(cb)]
-                      for e in IN_BATCH}
         self.n_graphs, self.compile_seconds, self.calls = 0, 0., 0
         self.opt, self.coeffs, self._compiled, self.not_compiled = None, None, None, False
         self._graphs = {}  # cuda_graph mode: (batch size, step?) -> graph, its static inputs and outputs
+        self._pred_tail = None  # a prediction's shape after the batch dimension, once one was made
 
     # -- the function that is compiled
     def _loss(self, params, xb, yb, scale):
@@ -133,7 +132,18 @@ class FastStep:
 
     # -- per batch, in Python
     def start_fit(self):
-        "Take the learner's optimizer and fresh views of its parameters (a callback may have moved the model at begin_fit)."
+        "Take the callbacks' roles, the learner's optimizer and fresh views of its parameters (a callback may have moved the model at begin_fit)."
+        run = self.run
+        self.stats = [cb.train_stats for cb in run.cbs if fast_path_mode(cb) == 'stats']
+        self.accum = next((cb for cb in run.cbs if fast_path_mode(cb) == 'accumulate'), None)
+        self.in_graph = [getattr(cb, e) for e in IN_BATCH for cb in run.cbs
+                         if fast_path_mode(cb) == 'graph' and e in in_batch_events(cb)]
+        self.after = {e: [getattr(cb, e) for cb in run.cbs if fast_path_mode(cb) == 'after' and e in in_batch_events(cb)]
+                      for e in IN_BATCH}
+        # what `_check` compares at every batch: the runner's handlers (new ones when callbacks are added or
+        # removed) and each callback's declared `fast_path`
+        self._handlers = run._handlers
+        self._modes = [(cb, cb.fast_path) for cb in run.cbs if type(cb) not in _KNOWN and in_batch_events(cb)]
         opt = self.opt = self.run.learn.opt
         groups = opt.param_groups
         self.params = [p for g in groups for p in g['params']]
@@ -147,9 +157,57 @@ class FastStep:
             self.samples = torch.ones((), dtype=v.dtype, device=v.device)  # gradient accumulation: samples in the window
         self._coeff_key = self._samples_key = None  # unknown: written at the first batch
         self.accs = [torch.zeros_like(v) for v in self.views] if self.accum else None
-        self._accs_dirty = False
+        self._acc_zero = [True] * len(self.views)  # per accumulator: known to hold zeros
         self._sum_bufs, self._sum_views, self._scratch = [None] * len(self.stats), [None] * len(self.stats), {}
-        self._seen = set()  # kinds of call (batch size, step or not, ...) that ran in this fit
+        self._probed = set()  # cuda_graph: kinds of call (batch size, step or not) whose parameters were probed in this fit
+
+    # -- what the step assumes, checked
+    def _check(self):
+        "Raise `FastPathRefused` if what the step assumed at the fit's first batch no longer holds: attribute reads only, no device sync."
+        run, learn = self.run, self.run.learn
+        if run._handlers is not self._handlers: raise FastPathRefused("the callbacks changed during the fit")
+        for cb, mode in self._modes:
+            if cb.fast_path != mode:
+                raise FastPathRefused(f"{type(cb).__name__}.fast_path changed from {mode!r} to {cb.fast_path!r} during the fit")
+        if learn.model is not self.model or learn.loss_func is not self.loss_func or learn.opt is not self.opt:
+            raise FastPathRefused("the learner's model, loss or optimizer was replaced during the fit")
+        for p, n in zip(self.params, self.names):
+            if not p.requires_grad:  # frozen: torch's SGD leaves it alone, the step would keep training it
+                raise FastPathRefused(f"parameter {n!r} was frozen (requires_grad False) during the fit")
+        for g in self.opt.param_groups:
+            if g.get('maximize'): raise FastPathRefused("a param group of the optimizer asks for maximize")
+
+    def _probe(self):
+        "Raise `FastPathRefused` if the loss of this batch reaches no gradient to a parameter: an eager forward and backward, torch's random state kept."
+        run, dev = self.run, self.views[0].device
+        with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []), torch.enable_grad():
+            pred = self.model(run.xb)
+            grads = torch.autograd.grad(self.loss_func(pred, run.yb), self.params, allow_unused=True)
+        self._pred_tail = tuple(pred.shape[1:])
+        unused = [n for n, g in zip(self.names, grads) if g is None]
+        if unused:  # torch's SGD skips a parameter without a gradient (no weight decay, no momentum); the step would move it
+            raise FastPathRefused(f"the loss gives no gradient to {', '.join(unused)} (unused in forward?)")
+
+    def _check_labels(self):
+        "Hand integer labels outside [0, classes) to the loss, on zeros, where they live on the CPU: its own checks raise its own error (a graph cannot branch on their values)."
+        yb, tail = self.run.yb, self._pred_tail
+        if not tail or yb.device.type != 'cpu' or yb.dtype.is_floating_point or yb.numel() == 0: return
+        if yb.dtype != torch.bool:
+            lo, hi = torch.aminmax(yb)  # on the CPU: reading them waits for nothing
+            if 0 <= lo.item() and hi.item() < tail[0]: return  # any class index is safe in the graph
+        zeros = self._scratch.get(('pred', len(yb)))
+        if zeros is None: zeros = self._scratch[('pred', len(yb))] = torch.zeros(len(yb), *self._pred_tail)
+        self.loss_func(zeros, yb)
+
+    def _open_window(self):
+        "Make each parameter's `.grad` the step's accumulator, holding the window so far: what a resume, an eager batch or `zero_grad` left there."
+        for i, (p, a) in enumerate(zip(self.params, self.accs)):
+            g = p.grad
+            if g is a: continue
+            if g is None:  # an empty window (zero_grad set it to None): the accumulator must be zeros
+                if not self._acc_zero[i]: a.zero_(); self._acc_zero[i] = True
+            else: a.copy_(g); self._acc_zero[i] = False
+            p.grad = a
 
     def _set(self, t:torch.Tensor, old:list, new:list):
         "Write the values of `new` that differ from `old` into the flat tensor `t` (a fill per value: no host sync)."
@@ -192,26 +250,37 @@ class FastStep:
         "Run the current training batch of the runner through the compiled step, then the 'after' handlers."
         run = self.run
         bn = len(run.yb)
-        bufs, had = self._momentum_buffers()
-        key = [v for g, h in zip(self.opt.param_groups, had) for v in sgd_coeffs(g, h)]
-        if key != self._coeff_key: self._set(self.coeffs, self._coeff_key, key); self._coeff_key = key
+        self._check()
         do_step, ga = True, self.accum
         if ga is not None:
-            if run.iter == 0 and self._accs_dirty:  # a window cut short (a cancelled epoch): start clean, as zero_grad does
-                for a in self.accs: a.zero_()
             samples, batches = ga.samples + bn, ga.batches + 1
             do_step = not (batches < ga.n and run.iter < run.iters - 1)
+        # which parameters the loss reaches: uncompiled, at every batch (nothing else would see a change); compiled, before
+        # each new graph runs (in `_backend`); captured, before the first batch of each kind of this fit
+        if self.mode == 'func': self._probe()
+        elif self.mode == 'cuda_graph' and (bn, do_step) not in self._probed: self._probe(); self._probed.add((bn, do_step))
+        if self.mode != 'func': self._check_labels()  # 'func' runs the loss eagerly: its checks run there
+        bufs = None  # a batch that only accumulates reads no buffer, and must make none: the first step's buffer is d
+        if do_step:
+            bufs, had = self._momentum_buffers()
+            key = [v for g, h in zip(self.opt.param_groups, had) for v in sgd_coeffs(g, h)]
+            if key != self._coeff_key: self._set(self.coeffs, self._coeff_key, key); self._coeff_key = key
+        if ga is not None:
+            self._open_window()
             if do_step and [samples] != self._samples_key: self._set(self.samples, self._samples_key, [samples]); self._samples_key = [samples]
         sums = self._stats_sums()
         try: loss, pred = self._call(self.views, bufs, self.accs, self.coeffs, self.samples, sums, run.xb, run.yb, do_step)
         except Exception:
-            for p in getattr(self, '_new_bufs', []): del self.opt.state[p]['momentum_buffer']  # leave the optimizer as it was
+            if do_step:
+                for p in self._new_bufs: del self.opt.state[p]['momentum_buffer']  # leave the optimizer as it was
             raise
         self.calls += 1
         for st in self.stats: st.count += bn
         if ga is not None:
             ga.samples, ga.batches = (0, 0) if do_step else (samples, batches)
-            self._accs_dirty = not do_step
+            self._acc_zero = [do_step] * len(self.accs)  # the step zeroes them
+            if do_step:
+                for p in self.params: p.grad = None  # as zero_grad after the step
         run.pred, run.loss = pred, loss
         run.loss_grad = loss
         for e in IN_BATCH:
@@ -225,7 +294,8 @@ class FastStep:
 
     # -- compiled (CPU, or CUDA without graphs)
     def _backend(self, gm, example_inputs):
-        "torch.compile's backend: inductor, counting the graphs it compiles, with the CPU vector width in its cache key."
+        "torch.compile's backend: inductor, counting the graphs it compiles (each probed first), with the CPU vector width in its cache key."
+        self._probe()  # on the batch this graph is traced for, before it runs: refused if a parameter gets no gradient
         self.n_graphs += 1
         # inductor keeps compiled graphs in a cache on disk whose key (torch 2.13) leaves out the CPU vector
         # instructions the C++ was generated for, which ATEN_CPU_CAPABILITY chooses: a graph made for AVX-512 and
@@ -241,19 +311,14 @@ class FastStep:
         if self._compiled is None:
             # static shapes: the last, smaller batch gets a graph of its own, compiled once (the next epochs reuse it)
             self._compiled = torch.compile(self.step_fn, backend=self._backend, fullgraph=True, dynamic=False)
-        # Within a fit, only these can differ between calls; everything else torch's guards check (the model, the
-        # callbacks, the tensors' shapes) stays put. So once a call of this kind has run in this fit, the next ones
-        # check only the guards that tell the step's graphs apart (a fifth of a lesson-MLP step, measured).
-        kind = (len(yb), do_step, bufs is None, accs is None, xb.dtype, xb.shape[1:], yb.dtype)
-        if kind in self._seen:
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True): return self._compiled(*args)
+        # torch's guards are checked at every call: a Python value the step read while it was traced (a loss's
+        # setting a callback changes, the callbacks traced into it) that differs now means another graph
         n, t = self.n_graphs, time.perf_counter()
         out = self._compiled(*args)
         if self.n_graphs > n: self.compile_seconds += time.perf_counter() - t
         # no graph at all: torch.compile ran the function as it is (its recompile limit reached?). The batch is done,
         # correctly; the runner goes eager for the rest of the fit
         self.not_compiled = self.n_graphs == 0
-        self._seen.add(kind)
         return out
 
     # -- captured CUDA graphs
@@ -299,6 +364,13 @@ def _reason(e:BaseException)->str:
     lines = [l.strip() for l in str(e).splitlines() if l.strip() and not l.strip().startswith(skip)]
     return f"{type(e).__name__}: {' '.join(lines)}"[:4000]
 
+def _refusal(e:BaseException):
+    "The `FastPathRefused` that caused `e` (torch.compile wraps what its backend raises), or None."
+    while e is not None:
+        if isinstance(e, FastPathRefused): return e
+        e = getattr(e, 'inner_exception', None) or e.__cause__
+    return None
+
 FAST_MODES = ('auto', 'compile', 'cuda_graph', 'func', 'eager')
 
 class FastRunner(Runner):
@@ -324,7 +396,14 @@ class FastRunner(Runner):
         if not self._started: self._start_fast()
         if self.fast is None: return super()._do_batch()
         try: self.fast.train_batch()
+        except FastPathRefused as e:  # nothing was changed: this batch runs eagerly
+            self._go_eager(str(e))
+            return super()._do_batch()
         except (torch._dynamo.exc.TorchDynamoException, RuntimeError, *_RECOMPILE_LIMIT) as e:
+            refused = _refusal(e)
+            if refused is not None:  # raised by the backend, before the new graph ran
+                self._go_eager(str(refused))
+                return super()._do_batch()
             # it ran before: a real error, not a step that cannot be compiled; unless this is a new kind of batch (the
             # last, smaller one) that torch.compile refuses to compile once its cache for the step is full, which
             # happens after a few fits of other models in one process

@@ -1,14 +1,15 @@
 """The fast path (lesson9.fast): the protocol, the SGD update in tensors, parity with the eager Runner
 (uncompiled, compiled on the CPU, and as CUDA graphs where CUDA exists), fallbacks and their messages."""
-import collections, copy, math, warnings
+import collections, copy, math, re, warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 import torch.nn.functional as F
 from torch import nn
 
 from lesson9.anneal import ParamScheduler, Recorder, one_cycle, sched_no
-from lesson9.callbacks import (AvgStatsCallback, Callback, CancelTrain, DataBunch, DeviceCallback, GradientAccumulation,
+from lesson9.callbacks import (AvgStatsCallback, Callback, CancelEpoch, CancelTrain, DataBunch, DeviceCallback, GradientAccumulation,
                                InvariantsCallback, Learner, ProgressCallback, Runner)
 from lesson9.fast import (FAST_PATH_MODES, IN_BATCH, EagerFallbackWarning, FastRunner, fast_path_mode, get_fast_runner,
                           in_batch_events, sgd_coeffs, sgd_update, why_not_fast)
@@ -57,7 +58,9 @@ def assert_same(pair, eps=1e-5):
     assert max(abs(a - b) for a, b in zip(r0.losses, r1.losses)) <= eps
     assert r0.lrs == r1.lrs
     for h0, h1 in zip(run0.avg_stats.history, run1.avg_stats.history):
-        assert h0.keys() == h1.keys() and all(abs(h0[k] - h1[k]) <= eps for k in h0), (h0, h1)
+        assert h0.keys() == h1.keys() and all(abs(h0[k] - h1[k]) <= eps or math.isnan(h0[k]) == math.isnan(h1[k]) == True for k in h0), (h0, h1)
+    for p, q in zip(l0.model.parameters(), l1.model.parameters()):  # gradients left as the eager loop leaves them (None after a step)
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.allclose(p.grad, q.grad, atol=eps, rtol=0))
     s0, s1 = l0.opt.state, l1.opt.state  # the momentum buffers the optimizer keeps, the same too
     for p, q in zip(l0.model.parameters(), l1.model.parameters()):
         a, b = s0.get(p, {}).get('momentum_buffer'), s1.get(q, {}).get('momentum_buffer')
@@ -70,6 +73,7 @@ SCHEDULES = {
     'one-cycle, nesterov, weight decay': (lambda: one_cycle(0.3), dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
     'torch SGD, dampening': (lambda: one_cycle(0.3), dict(opt_func=torch.optim.SGD, momentum=0.9, dampening=0.2)),
     'gradient accumulation': (lambda: [GradientAccumulation(3)], dict(opt_func=torch.optim.SGD, momentum=0.9)),
+    'accumulation, dampening': (lambda: [GradientAccumulation(2)], dict(momentum=0.8, dampening=0.3)),  # the first step's buffer is d
 }
 
 
@@ -250,7 +254,324 @@ def test_cancel_train_from_after_batch_still_works():
     assert run.n_iter == 4 and len(run.recorder.losses) == 4 and run.fast.calls == 4
 
 
+# ---------------------------------------------------------------- what the step assumed, checked at every batch
+
+def first_layer(model): return next(m for m in model.modules() if isinstance(m, nn.Linear))
+
+
+class FreezeAt(Callback):
+    "Freezes the first layer at begin_epoch of epoch `epoch` (the optimizer keeps it: torch's SGD skips it, having no gradient)."
+    def __init__(self, epoch): self.at = epoch
+    def begin_epoch(self):
+        if self.run.epoch == self.at: first_layer(self.run.model).requires_grad_(False)
+
+
+class Smoothing:
+    "A cross entropy whose label smoothing is a Python value, changed by `ScheduleSmoothing` during the fit."
+    def __init__(self): self.eps = 0.
+    def __call__(self, out, yb): return F.cross_entropy(out, yb, label_smoothing=self.eps)
+
+
+class ScheduleSmoothing(Callback):
+    "Sets the loss's label smoothing per epoch and, with `per_batch`, per batch too."
+    def __init__(self, per_batch=False): self.per_batch = per_batch
+    def begin_epoch(self): self.run.loss_func.eps = 0.1 * self.run.epoch
+    def begin_batch(self):
+        if self.per_batch and self.run.in_train: self.run.loss_func.eps = 0.05 * (self.run.iter % 2)
+
+
+class WithUnused(nn.Module):
+    "The tiny MLP and a layer that forward never uses: it gets no gradient."
+    def __init__(self):
+        super().__init__()
+        self.body, self.unused = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)), nn.Linear(3, 3)
+    def forward(self, x): return self.body(x)
+
+
+def unused_learner(**kw):
+    learn = tiny_learner(**kw)
+    torch.manual_seed(0)
+    learn.model = WithUnused()
+    learn.opt = SGD(learn.model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    return learn
+
+
+def check_a_layer_frozen_by_a_callback_during_the_fit_stays_put(mode):
+    with pytest.warns(EagerFallbackWarning, match=r"parameter '0.weight' was frozen \(requires_grad False\) during the fit"):
+        pair = fit_pair(lambda: [FreezeAt(1)], mode=mode, momentum=0.9, weight_decay=0.01)
+    assert_same(pair)
+    (l0, _, _), (l1, _, run) = pair
+    assert run.fast is None and run.why_eager.startswith("parameter '0.weight' was frozen")
+    frozen = tiny_learner(momentum=0.9, weight_decay=0.01)  # the weights after epoch 1, when the layer froze
+    Runner().fit(1, frozen)
+    assert torch.allclose(l1.model[0].weight, frozen.model[0].weight, atol=1e-6, rtol=0)  # and not one step more
+
+
+def test_a_layer_frozen_by_a_callback_during_the_fit_stays_put(): check_a_layer_frozen_by_a_callback_during_the_fit_stays_put('func')
+
+
+def check_a_parameter_without_a_gradient_is_not_moved(mode):
+    learn, ref = unused_learner(), unused_learner()
+    before = learn.model.unused.weight.detach().clone()
+    run = FastRunner([Recorder()], mode=mode)
+    with pytest.warns(EagerFallbackWarning, match=r"the loss gives no gradient to unused.weight, unused.bias \(unused in forward\?\)"):
+        run.fit(2, learn)
+    Runner([Recorder()]).fit(2, ref)
+    assert torch.equal(learn.model.unused.weight, before) and run.fast is None
+    assert run.why_eager == "the loss gives no gradient to unused.weight, unused.bias (unused in forward?)"
+    for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+def test_a_parameter_without_a_gradient_is_not_moved(): check_a_parameter_without_a_gradient_is_not_moved('func')
+
+
+class Switchable(nn.Module):
+    "The tiny MLP and a last layer that forward uses while `use_extra` is True."
+    def __init__(self):
+        super().__init__()
+        self.body, self.extra, self.use_extra = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)), nn.Linear(3, 3), True
+    def forward(self, x): return self.extra(self.body(x)) if self.use_extra else self.body(x)
+
+
+class DropExtra(Callback):
+    def begin_epoch(self):
+        if self.run.epoch == 1: self.run.model.use_extra = False
+
+
+def check_a_layer_the_forward_stops_using_during_the_fit(mode):
+    learns = []
+    for make_runner in (Runner, lambda cbs: FastRunner(cbs, mode=mode)):
+        learn = tiny_learner(); torch.manual_seed(0)
+        learn.model = Switchable(); learn.opt = SGD(learn.model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        run = make_runner([Recorder(), DropExtra()])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always', EagerFallbackWarning); run.fit(3, learn)
+        learns.append(learn)
+    assert run.why_eager == "the loss gives no gradient to extra.weight, extra.bias (unused in forward?)"
+    assert run._step.calls == 7 and sum(w.category is EagerFallbackWarning for w in caught) == 1  # the first epoch in the step
+    for p, q in zip(*(l.model.parameters() for l in learns)): assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+def test_a_layer_the_forward_stops_using_during_the_fit(): check_a_layer_the_forward_stops_using_during_the_fit('func')
+
+
+class StopAt(Callback):
+    "Saves the runner, model and optimizer at after_batch of training batch `n` (counted over the fit), then stops."
+    _order = 100
+    def __init__(self, n): self.n, self.saved = n, None
+    def after_batch(self):
+        run = self.run
+        if run.in_train and run.n_iter == self.n:
+            self.saved = (run.state_dict(), copy.deepcopy(run.model.state_dict()), copy.deepcopy(run.opt.state_dict()))
+            raise CancelTrain()
+
+
+def fit_stopped_then_resumed(make_cbs, stop_at, epochs=3, mode='func', **kw):
+    "A FastRunner stopped at after_batch of training batch `stop_at`, then carried on by a fresh FastRunner and learner."
+    stop = StopAt(stop_at)
+    FastRunner([AvgStatsCallback([accuracy], report=None), Recorder(), stop] + make_cbs(), mode=mode).fit(epochs, tiny_learner(**kw))
+    state, model_sd, opt_sd = stop.saved
+    learn, rec = tiny_learner(**kw), Recorder()
+    with torch.no_grad():
+        for p in learn.model.parameters(): p.add_(1.)  # not the saved weights until they are loaded
+    learn.model.load_state_dict(model_sd); learn.opt.load_state_dict(opt_sd)
+    run = FastRunner([AvgStatsCallback([accuracy], report=None), rec] + make_cbs(), mode=mode)
+    run.fit(epochs, learn, resume=state)
+    return learn, rec, run
+
+
+def check_resume_stopped_inside_an_accumulation_window(mode):
+    make_cbs, kw = SCHEDULES['gradient accumulation']
+    eager = fit_pair(make_cbs, **kw)[0]
+    for stop_at in ((1, 8) if mode == 'func' else (8,)):  # inside the first window of epochs 1 and 2 (compiled: torch's recompile limit)
+        learn, rec, run = fit_stopped_then_resumed(make_cbs, stop_at, mode=mode, **kw)
+        assert run.why_eager is None
+        for p, q in zip(eager[0].model.parameters(), learn.model.parameters()): assert torch.allclose(p, q, atol=1e-5, rtol=0)
+        assert len(rec.losses) == len(eager[1].losses) and max(abs(a - b) for a, b in zip(eager[1].losses, rec.losses)) <= 1e-5
+        for h0, h1 in zip(eager[2].avg_stats.history, run.avg_stats.history): assert all(abs(h0[k] - h1[k]) <= 1e-5 for k in h0)
+
+
+def test_resume_stopped_inside_an_accumulation_window(): check_resume_stopped_inside_an_accumulation_window('func')
+
+
+def labels_with(bad, at=20, loss_func=cross_entropy):
+    learn = tiny_learner(loss_func=loss_func)
+    learn.data.train_dl.ds.y[at] = bad  # in the third batch: the step has compiled and run by then
+    return learn
+
+
+class ChangeAt(Callback):
+    "At begin_epoch of epoch 1, changes what a compiled step would have assumed at the fit's first batch."
+    fast_path = 'after'
+    def __init__(self, change): self.change = change
+    def after_loss(self): pass  # an in-batch handler, so that its fast_path counts
+    def begin_epoch(self):
+        if self.run.epoch != 1: return
+        run = self.run
+        if self.change == 'a callback added': run.add_cbs(ReadsLoss())
+        elif self.change == 'fast_path': self.fast_path = 'eager'
+        elif self.change == 'the loss replaced': run.learn.loss_func = lambda out, yb: F.cross_entropy(out, yb, label_smoothing=0.2)
+        elif self.change == 'maximize': run.opt.param_groups[0]['maximize'] = True
+
+
+MID_FIT = {'a callback added': "the callbacks changed during the fit",
+           'fast_path': "ChangeAt.fast_path changed from 'after' to 'eager' during the fit",
+           'the loss replaced': "the learner's model, loss or optimizer was replaced during the fit",
+           'maximize': "a param group of the optimizer asks for maximize"}
+
+
+@pytest.mark.parametrize('change', MID_FIT)
+def test_a_change_during_the_fit_turns_the_fast_path_off_for_the_rest_of_it(change):
+    with pytest.warns(EagerFallbackWarning, match=re.escape(f"fast path off for this fit: {MID_FIT[change]}; the batches run eagerly")):
+        pair = fit_pair(lambda: [ChangeAt(change)], opt_func=torch.optim.SGD, momentum=0.9)
+    assert_same(pair)
+    run = pair[1][2]
+    assert run.why_eager == MID_FIT[change] and run._step.calls == 7  # epoch 0 in the step, then eagerly
+
+
+class CancelEpochAt(Callback):
+    "Cancels epoch 0 after its training batch `it`, inside an accumulation window."
+    def __init__(self, it): self.it = it
+    def after_batch(self):
+        if self.run.in_train and self.run.epoch == 0 and self.run.iter == self.it: raise CancelEpoch()
+
+
+def test_a_window_cut_short_by_a_cancelled_epoch_is_dropped_as_zero_grad_drops_it():
+    pair = fit_pair(lambda: [GradientAccumulation(3), CancelEpochAt(4)], opt_func=torch.optim.SGD, momentum=0.9)
+    assert_same(pair)
+    assert pair[1][2].why_eager is None
+
+
+# ---------------------------------------------------------------- parity as a property
+
+OPTS = {'constant': {}, 'momentum': dict(momentum=0.9), 'weight decay': dict(weight_decay=0.05),
+        'nesterov': dict(momentum=0.9, nesterov=True, weight_decay=0.01), 'dampening': dict(momentum=0.8, dampening=0.3)}
+
+
+@st.composite
+def fits(draw, mode):
+    "A small fit: optimizer settings, a schedule, accumulation, layers frozen at the start or by a callback, an unused layer, a loss setting changed per epoch or batch, and where to stop."
+    return dict(mode=mode, opt=draw(st.sampled_from(sorted(OPTS))), torch_sgd=draw(st.booleans()), one_cycle=draw(st.booleans()),
+                accumulate=draw(st.sampled_from([None, 2, 3])), frozen=draw(st.sampled_from([None, 'in opt', 'left out'])),
+                freeze_at=draw(st.sampled_from([None, 1, 2])), unused=draw(st.booleans()),
+                smoothing=draw(st.sampled_from([None, 'epoch', 'batch'])), stop=draw(st.integers(1, 13)))
+
+
+def cfg_learner(cfg):
+    learn = tiny_learner(loss_func=Smoothing() if cfg['smoothing'] else F.cross_entropy)
+    torch.manual_seed(0)
+    model = learn.model = WithUnused() if cfg['unused'] else nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    if cfg['frozen']: first_layer(model).requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad or cfg['frozen'] == 'in opt']
+    learn.opt = (torch.optim.SGD if cfg['torch_sgd'] else SGD)(params, lr=0.1, **OPTS[cfg['opt']])
+    return learn
+
+
+def cfg_cbs(cfg):
+    cbs = [AvgStatsCallback([accuracy], report=None), Recorder()]
+    if cfg['one_cycle']: cbs += one_cycle(0.3) if 'momentum' in OPTS[cfg['opt']] else [ParamScheduler('lr', sched_no(0.3, 0.1))]
+    if cfg['accumulate']: cbs.append(GradientAccumulation(cfg['accumulate']))
+    if cfg['freeze_at']: cbs.append(FreezeAt(cfg['freeze_at']))
+    if cfg['smoothing']: cbs.append(ScheduleSmoothing(per_batch=cfg['smoothing'] == 'batch'))
+    return cbs
+
+
+def outcome(learn, run):
+    return ([p.detach().clone() for p in learn.model.parameters()], list(run.recorder.losses), run.avg_stats.history,
+            [learn.opt.state.get(p, {}).get('momentum_buffer') for p in learn.model.parameters()])
+
+
+def assert_outcomes_close(a, b, eps):
+    for p, q in zip(a[0], b[0]): assert torch.allclose(p, q, atol=eps, rtol=0), (p - q).abs().max()
+    assert len(a[1]) == len(b[1]) and all(abs(x - y) <= eps for x, y in zip(a[1], b[1]))
+    assert len(a[2]) == len(b[2]) and all(abs(h0[k] - h1[k]) <= eps for h0, h1 in zip(a[2], b[2]) for k in h0)
+    for x, y in zip(a[3], b[3]): assert (x is None) == (y is None) and (x is None or torch.allclose(x, y, atol=eps, rtol=0))
+
+
+def check_fit(cfg, epochs=3):
+    torch.compiler.reset()  # each example within torch's recompile limit
+    learn = cfg_learner(cfg); run = Runner(cfg_cbs(cfg)); run.fit(epochs, learn)
+    eager = outcome(learn, run)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', EagerFallbackWarning)
+        learn = cfg_learner(cfg); run = FastRunner(cfg_cbs(cfg), mode=cfg['mode']); run.fit(epochs, learn)
+        never_fast = run._step is None or run._step.calls == 0
+        assert_outcomes_close(eager, outcome(learn, run), 0 if never_fast else 1e-5)  # all eager: the same operations
+        # refused exactly when the eager answer needs it: a parameter without a gradient, or one frozen during the fit
+        frozen_later = cfg['freeze_at'] is not None and cfg['freeze_at'] < epochs and cfg['frozen'] is None
+        assert (run.why_eager is not None) == bool(cfg['unused'] or cfg['frozen'] == 'in opt' or frozen_later
+                                                   or run.why_eager and 'recompile' in run.why_eager), run.why_eager
+        # stopped after training batch `stop`, then carried on by a fresh runner and learner
+        stop = StopAt(cfg['stop'])
+        run = FastRunner(cfg_cbs(cfg) + [stop], mode=cfg['mode']); run.fit(epochs, cfg_learner(cfg))
+        state, model_sd, opt_sd = stop.saved
+        learn = cfg_learner(cfg)
+        learn.model.load_state_dict(model_sd); learn.opt.load_state_dict(opt_sd)
+        if cfg['freeze_at'] and state['epoch'] >= cfg['freeze_at']: first_layer(learn.model).requires_grad_(False)  # as it was
+        run = FastRunner(cfg_cbs(cfg), mode=cfg['mode']); run.fit(epochs, learn, resume=state)
+    assert_outcomes_close(eager, outcome(learn, run), 1e-5)
+
+
+_PROPERTY = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@settings(max_examples=100, **_PROPERTY)
+@given(fits('func'))
+def test_fast_runner_and_its_resume_match_the_eager_runner(cfg): check_fit(cfg)
+
+
 # ---------------------------------------------------------------- compiled on the CPU (each test compiles: seconds)
+
+def test_a_layer_frozen_by_a_callback_during_the_fit_stays_put_compiled(): check_a_layer_frozen_by_a_callback_during_the_fit_stays_put('compile')
+
+
+def test_a_parameter_without_a_gradient_is_not_moved_compiled(): check_a_parameter_without_a_gradient_is_not_moved('compile')
+
+
+def test_resume_stopped_inside_an_accumulation_window_compiled(): check_resume_stopped_inside_an_accumulation_window('compile')
+
+
+def test_a_layer_the_forward_stops_using_during_the_fit_compiled():
+    "A graph traced for the new value of use_extra is probed before it runs, mid-fit."
+    check_a_layer_the_forward_stops_using_during_the_fit('compile')
+
+
+@pytest.mark.parametrize('per_batch', [False, True])
+def test_compiled_step_sees_python_values_a_callback_changes(per_batch):
+    pair = fit_pair(lambda: [ScheduleSmoothing(per_batch)], mode='compile', loss_func=Smoothing(), momentum=0.9)
+    assert_same(pair)
+    assert pair[1][2].why_eager is None and pair[1][2].fast.n_graphs >= 3  # one graph per value of eps at least
+
+
+@pytest.mark.parametrize('bad', [-1, 3])
+def test_compiled_step_refuses_a_bad_label_with_the_eager_message(bad):
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, 3\): got label {bad} with n_classes=3"):
+        Runner().fit(1, labels_with(bad))
+    learn = labels_with(bad)
+    run = FastRunner([Recorder()], mode='compile')
+    with pytest.raises(ValueError, match=rf"labels must lie in \[0, 3\): got label {bad} with n_classes=3"):
+        run.fit(1, learn)
+    assert len(run.recorder.losses) == 2  # the two batches before the bad one, trained
+    ref = labels_with(bad)
+    with pytest.raises(ValueError): Runner().fit(1, ref)
+    for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+def test_compiled_step_refuses_a_bad_label_for_torchs_loss_too():
+    "torch's cross entropy refuses -1 eagerly (-100 is its ignore_index); compiled, it would take -1 as the last class."
+    with pytest.raises(IndexError, match="Target -1 is out of bounds"): Runner().fit(1, labels_with(-1, loss_func=F.cross_entropy))
+    with pytest.raises(IndexError, match="Target -1 is out of bounds"):
+        FastRunner([Recorder()], mode='compile').fit(1, labels_with(-1, loss_func=F.cross_entropy))
+    pair = [labels_with(-100, loss_func=F.cross_entropy) for _ in range(2)]
+    Runner().fit(1, pair[0]); FastRunner(mode='compile').fit(1, pair[1])  # ignored, in both
+    for p, q in zip(*(l.model.parameters() for l in pair)): assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+@settings(max_examples=5, **_PROPERTY)
+@given(fits('compile'))
+def test_compiled_fast_runner_and_its_resume_match_the_eager_runner(cfg): check_fit(cfg, epochs=2)
+
+
 
 def test_compiled_one_cycle_with_a_partial_batch_matches_and_compiles_two_graphs_once():
     nf = []
@@ -420,3 +741,4 @@ def test_the_reason_for_running_eagerly_keeps_its_cause():
     from lesson9.fast import _reason
     e = RuntimeError("backend='_backend' raised:\nImportError: /c/x.so: file too short\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace")
     assert _reason(e) == "RuntimeError: backend='_backend' raised: ImportError: /c/x.so: file too short"
+

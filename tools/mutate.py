@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = {'training': ['tests/test_training.py', 'tests/test_checkpoint.py'],
          'callbacks': ['tests/test_callbacks.py', 'tests/test_checkpoint.py'],
          'anneal': ['tests/test_anneal.py'], 'initialization': ['tests/test_initialization.py'],
-         'checkpoint': ['tests/test_checkpoint.py'], 'distributed': ['tests/test_distributed.py']}
+         'checkpoint': ['tests/test_checkpoint.py'], 'distributed': ['tests/test_distributed.py'],
+         # without the two tests that compile in subprocesses under other CPU kernels (minutes, and about torch's cache only)
+         'fast': ['tests/test_fast.py', '-k', 'not other_cpu_kernels']}
 
 # (module, description, original text, mutated text): the original must occur exactly once in the module
 MUTANTS = [
@@ -211,6 +213,30 @@ MUTANTS = [
     ('distributed', "DistributedCheckpoint: another rank's stop ignored", "if flag.item() and self.stop_requested is None:", "if False:"),
     ('distributed', 'DistributedCheckpoint: stops in the middle of an epoch', "def after_batch(self): pass", "def after_batch(self): super().after_batch()"),
     ('distributed', 'distributed(): a failing rank not named', "print(f\"rank {world.rank} of {world.world_size} failed:", "print(f\"a rank of {world.world_size} failed:"),
+    # ---------------------------------------------------------------- fast.py
+    ('fast', '_check: callbacks added during the fit not noticed', "if run._handlers is not self._handlers: raise", "if False: raise"),
+    ('fast', '_check: a changed fast_path not noticed', "if cb.fast_path != mode:", "if False:"),
+    ('fast', '_check: a replaced loss not noticed', "learn.loss_func is not self.loss_func or", "False or"),
+    ('fast', '_check: a frozen parameter not noticed', "            if not p.requires_grad:", "            if False:"),
+    ('fast', '_check: requires_grad test flipped', "            if not p.requires_grad:", "            if p.requires_grad:"),
+    ('fast', '_check: maximize during the fit not noticed', "if g.get('maximize'): raise FastPathRefused", "if False: raise FastPathRefused"),
+    ('fast', '_probe: unused parameters accepted', "        if unused:", "        if False:"),
+    ('fast', '_probe: not run for a new compiled graph', "        self._probe()  # on the batch", "        pass  # on the batch"),
+    ('fast', '_probe: uncompiled, only at the first batch', "        if self.mode == 'func': self._probe()", "        if self.mode == 'func' and self.calls == 0: self._probe()"),
+    ('fast', '_refusal: a wrapped refusal not found', "        if isinstance(e, FastPathRefused): return e", "        if False: return e"),
+    ('fast', 'guards skipped once a graph exists', "        out = self._compiled(*args)", "        with torch.compiler.set_stance(skip_guard_eval_unsafe=self.n_graphs > 0): out = self._compiled(*args)"),
+    ('fast', 'labels not checked', "if self.mode != 'func': self._check_labels()", "pass"),
+    ('fast', 'labels: range test 0 <= lo dropped', "if 0 <= lo.item() and hi.item() < tail[0]: return", "if hi.item() < tail[0]: return"),
+    ('fast', 'labels: hi < classes -> <=', "hi.item() < tail[0]: return", "hi.item() <= tail[0]: return"),
+    ('fast', 'window: a resumed window not copied in', "else: a.copy_(g); self._acc_zero[i] = False", "else: self._acc_zero[i] = False"),
+    ('fast', 'window: not zeroed after zero_grad', "if not self._acc_zero[i]: a.zero_(); self._acc_zero[i] = True", "if False: pass"),
+    ('fast', 'window: marked zero after an accumulating batch', "self._acc_zero = [do_step] * len(self.accs)", "self._acc_zero = [True] * len(self.accs)"),
+    ('fast', 'window: .grad not cleared after the step', "for p in self.params: p.grad = None  # as zero_grad", "pass  # as zero_grad"),
+    ('fast', 'window: < n -> <= n', "do_step = not (batches < ga.n and", "do_step = not (batches <= ga.n and"),
+    ('fast', 'accumulating batches make momentum buffers', "        if do_step:\n            bufs, had = self._momentum_buffers()", "        if True:\n            bufs, had = self._momentum_buffers()"),
+    ('fast', 'sgd_coeffs: first step with momentum as a later one', "buf_decay, buf_in = (mom, 1 - damp) if has_buf else (0., 1.)", "buf_decay, buf_in = (mom, 1 - damp)"),
+    ('fast', 'why_not_fast: trainable set not compared', "if {id(p) for p in trained} != {id(p) for p in in_opt}:", "if False:"),
+    ('fast', 'stats: count per batch, not per sample', "for st in self.stats: st.count += bn", "for st in self.stats: st.count += 1"),
 ]
 
 
