@@ -502,10 +502,10 @@ class AvgStats:
 
     def sums_on(self, device # where the batches are computed
                )->list:
-        "The running sums (loss, then each metric), created as zeros on `device` the first time (float64 where the device has it)."
-        if self.sums is None:
-            dtype = torch.float32 if torch.device(device).type == 'mps' else torch.float64
-            self.sums = [torch.zeros((), dtype=dtype, device=device) for _ in range(1 + len(self.metrics))]
+        "The running sums (loss, then each metric), created as zeros on `device` the first time (float64 where the device has it), moved there if they were elsewhere."
+        dtype = torch.float32 if torch.device(device).type == 'mps' else torch.float64
+        if self.sums is None: self.sums = [torch.zeros((), dtype=dtype, device=device) for _ in range(1 + len(self.metrics))]
+        elif self.sums[0].device != torch.device(device): self.sums = [s.to(device, dtype) for s in self.sums]  # loaded on the CPU by a resume
         return self.sums
 
     def add_to(self, sums:list, # tensors from `sums_on`, updated in place

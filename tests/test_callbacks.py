@@ -736,3 +736,14 @@ def test_avg_stats_skips_a_batch_of_no_samples():
     empty = pred[:0]
     st.accumulate(torch.nn.functional.cross_entropy(empty, yb[:0]), empty, yb[:0])   # nan loss
     assert st.as_dict() == before and st.count == 4
+
+
+def test_stats_loaded_on_the_cpu_follow_the_batches_to_their_device():
+    "A resume loads the running sums on the CPU; the next batch may be on a GPU: the sums go there, values kept."
+    from lesson9.callbacks import AvgStats
+    st = AvgStats([accuracy], True)
+    st.load_state_dict({'count': 5, 'sums': [torch.tensor(2., dtype=torch.float64), torch.tensor(3., dtype=torch.float64)]})
+    sums = st.sums_on('meta')   # a device other than the CPU that every machine has
+    assert [s.device.type for s in sums] == ['meta', 'meta'] and st.sums is sums
+    st.load_state_dict({'count': 5, 'sums': [torch.tensor(2., dtype=torch.float64), torch.tensor(3., dtype=torch.float64)]})
+    assert [float(s) for s in st.sums_on('cpu')] == [2., 3.]
