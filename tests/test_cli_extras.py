@@ -7,17 +7,9 @@ import pytest
 import torch
 
 import lesson9.extras
-from test_cli import outputs, run_main, same_run, signal_at
+from test_cli import one_thread_here, outputs, run_main, same_run, signal_at  # one_thread_here: autouse here too
 
 CONSTANT = ['--schedule', 'constant']
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread_here():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def improves_twice(monkeypatch):
