@@ -259,6 +259,7 @@ class FastStep:
         # each new graph runs (in `_backend`); captured, before the first batch of each kind of this fit
         if self.mode == 'func': self._probe()
         elif self.mode == 'cuda_graph' and (bn, do_step) not in self._probed: self._probe(); self._probed.add((bn, do_step))
+        if self.mode == 'compile' and self._pred_tail is None: self._probe()  # the labels' check needs a prediction's shape
         if self.mode != 'func': self._check_labels()  # 'func' runs the loss eagerly: its checks run there
         bufs = None  # a batch that only accumulates reads no buffer, and must make none: the first step's buffer is d
         if do_step:

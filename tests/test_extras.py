@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import dist_worker as W
+import lesson9.callbacks as callbacks
 from lesson9.callbacks import (AvgStatsCallback, Callback, DataBunch, DeviceCallback, InvariantsCallback, Learner,
                                get_model, get_runner)
 from lesson9.checkpoint import Checkpoint, load_checkpoint
@@ -201,10 +202,12 @@ def test_no_host_sync_per_batch_with_early_stopping_and_bf16(one_thread, monkeyp
         data = DataBunch(*get_dls(train_ds, valid_ds, BS, seed=0), c=C)
         torch.manual_seed(0)
         model, opt = get_model(data, lr=0.1, nh=8)
-        cbs = [EarlyStopping(patience=5), BestModel(), MixedPrecision('bf16'), ProgressCallback(plot=True, enabled=False)]
+        cbs = [EarlyStopping(patience=5), BestModel(), MixedPrecision('bf16'), ProgressCallback(plot=True, enabled=True)]
         get_runner(cbs, report=None).fit(3, Learner(model, opt, F.cross_entropy, data))
+        assert cbs[-1].n_drawn > 0   # the plot's per-batch path ran
+    monkeypatch.setattr(callbacks, 'in_notebook', lambda: True)   # as in a notebook: the plot draws
     few = _assert_no_per_batch_sync(run_fit, monkeypatch)
-    assert few.total <= 12, dict(few.calls)
+    assert few.total <= 12 + 3*5, dict(few.calls)   # the stats once an epoch; the plot once a redraw (4 + 1 an epoch), whatever the batches
 
 
 # ---------------------------------------------------------------- resume, bit for bit
@@ -219,16 +222,17 @@ class StopAt(Callback):
 FEATURES = {
     'early_stop': lambda: [Scripted([3., 2., 2.5, 2.2, 1., 1.5, 1.6, 1.7]), EarlyStopping(patience=2), BestModel()],
     'bf16': lambda: [MixedPrecision('bf16')],
-    'plot': lambda: [ProgressCallback(plot=True, enabled=False)],
+    'plot': lambda: [ProgressCallback(plot=True, enabled=True)],   # drawn: the test says it is in a notebook
     'all': lambda: [Scripted([3., 2., 2.5, 2.2, 1., 1.5, 1.6, 1.7]), EarlyStopping(patience=2), BestModel(),
-                    MixedPrecision('bf16'), ProgressCallback(plot=True, enabled=False)],
+                    MixedPrecision('bf16'), ProgressCallback(plot=True, enabled=True)],
 }
 if torch.cuda.is_available(): FEATURES['fp16'] = lambda: [MixedPrecision('fp16')]
 
 
 @pytest.mark.parametrize('feature', list(FEATURES))
 @pytest.mark.parametrize('stop_at', [8 + 5, 2*8 + 8, 3*8 + 4])   # 8 batches per epoch: in epoch 2; before epoch 3's validation; in epoch 4, one stalled epoch behind
-def test_resume_is_bit_identical(one_thread, tmp_path, feature, stop_at):
+def test_resume_is_bit_identical(one_thread, tmp_path, monkeypatch, feature, stop_at):
+    monkeypatch.setattr(callbacks, 'in_notebook', lambda: True)   # the plot draws, as in a notebook
     device = 'cuda' if feature == 'fp16' else 'cpu'
     def fit(learn, path, resume=None, stop=None):
         run = get_runner([DeviceCallback(device), *FEATURES[feature](), Checkpoint(path)] + ([StopAt(stop)] if stop else []), report=None)
@@ -236,6 +240,7 @@ def test_resume_is_bit_identical(one_thread, tmp_path, feature, stop_at):
         return run
     ref_learn = learner(n=512)
     ref = fit(ref_learn, tmp_path/'ref.pt')
+    if feature in ('plot', 'all'): assert ref.progress.n_drawn > 0
     stopped = fit(learner(n=512), tmp_path/'ck.pt', stop=stop_at)
     assert stopped.checkpoint.stopped_at == {'epoch': stop_at // 8 - (stop_at % 8 == 0), 'in_train': True, 'iter': stop_at % 8 or 8}
     learn = learner(seed=1, n=512)

@@ -543,16 +543,16 @@ def test_compiled_step_sees_python_values_a_callback_changes(per_batch):
     assert pair[1][2].why_eager is None and pair[1][2].fast.n_graphs >= 3  # one graph per value of eps at least
 
 
-@pytest.mark.parametrize('bad', [-1, 3])
-def test_compiled_step_refuses_a_bad_label_with_the_eager_message(bad):
+@pytest.mark.parametrize('bad,at', [(-1, 20), (3, 20), (-1, 0)])   # in the third batch, or in the first (before any graph)
+def test_compiled_step_refuses_a_bad_label_with_the_eager_message(bad, at):
     with pytest.raises(ValueError, match=rf"labels must lie in \[0, 3\): got label {bad} with n_classes=3"):
-        Runner().fit(1, labels_with(bad))
-    learn = labels_with(bad)
+        Runner().fit(1, labels_with(bad, at))
+    learn = labels_with(bad, at)
     run = FastRunner([Recorder()], mode='compile')
     with pytest.raises(ValueError, match=rf"labels must lie in \[0, 3\): got label {bad} with n_classes=3"):
         run.fit(1, learn)
-    assert len(run.recorder.losses) == 2  # the two batches before the bad one, trained
-    ref = labels_with(bad)
+    assert len(run.recorder.losses) == at // 8  # the batches before the bad one, trained
+    ref = labels_with(bad, at)
     with pytest.raises(ValueError): Runner().fit(1, ref)
     for p, q in zip(learn.model.parameters(), ref.model.parameters()): assert torch.allclose(p, q, atol=1e-6, rtol=0)
 
