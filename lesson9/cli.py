@@ -35,10 +35,14 @@ def loss_figure(losses:list, # the training loss of every batch
 class UsageError(Exception):
     "A value the user gave cannot work; the message says which and why (exit code 2)."
 
+def _rank0()->bool:
+    "Whether this process prints errors: process 0 under torchrun, or the only one (read from RANK alone: it never raises)."
+    return os.environ.get('RANK', '0') == '0'
+
 class _Parser(argparse.ArgumentParser):
     "An ArgumentParser whose errors are one line, not a usage block (printed by process 0 alone under torchrun)."
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n" if os.environ.get('RANK', '0') == '0' else None)
+        self.exit(2, f"{self.prog}: error: {message}\n" if _rank0() else None)
 
 def _number(kind, low=None, high=None):
     "An argparse type: a finite `kind` (int or float) with `low < v` (or `low <= v` for ints) and `v < high`."
@@ -428,7 +432,7 @@ def run_job(args:argparse.Namespace, # parsed options, see `make_parser`
 # %% ../nbs/09_cli.ipynb #4e29524d
 def _fail(msg:str, code:int)->int:
     "Print `msg` as the job's one error line (on process 0 alone under torchrun); return `code`."
-    if os.environ.get('RANK', '0') == '0': print(f"lesson9-train: error: {msg}", file=sys.stderr, flush=True)
+    if _rank0(): print(f"lesson9-train: error: {msg}", file=sys.stderr, flush=True)
     return code
 
 def _save_traceback()->str:
@@ -443,7 +447,7 @@ def _evaluate(args)->int:
     if given: raise UsageError(f"--evaluate uses the options saved with the run; leave out {', '.join(given)}")
     ev = evaluate(args.out, check_device(args.device), best=args.best)
     note = ', a run that diverged: the weights where it stopped' if ev['status'] == 'diverged' else ''
-    if os.environ.get('RANK', '0') == '0':  # under torchrun, one line, not one per process
+    if _rank0():  # under torchrun, one line, not one per process
         print(f"valid_loss {ev['valid_loss']:.10f} valid_acc {ev['valid_acc']:.10f} on {ev['n_valid']} samples ({Path(args.out)/('best.pt' if args.best else 'model.pt')}{note})", flush=True)
     return 0
 

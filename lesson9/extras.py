@@ -13,6 +13,7 @@ import torch
 
 from . import callbacks
 from .callbacks import AvgStatsCallback, Callback, CancelTrain, GradientAccumulation
+from .checkpoint import inner_model  # the model inside DistributedDataParallel
 
 # %% ../nbs/08a_extras.ipynb #f5d10633
 MODES = ('min', 'max')
@@ -110,11 +111,6 @@ class EarlyStopping(TrackBest):
         self.stopped = None if sd['stopped'] is None else dict(sd['stopped'])
 
 # %% ../nbs/08a_extras.ipynb #81618be7
-def _inner(model):
-    "The model inside wrappers such as `DistributedDataParallel` (which keep it as `.module`)."
-    while isinstance(getattr(model, 'module', None), torch.nn.Module): model = model.module
-    return model
-
 class BestModel(TrackBest):
     "Keeps a copy of the model's weights from the epoch with the best `monitor`, in `weights` (a `state_dict`)."
     def __init__(self, monitor:str='valid_loss', # a key of `AvgStatsCallback`'s records
@@ -129,7 +125,7 @@ class BestModel(TrackBest):
         self.weights = None
 
     def improved(self):
-        self.weights = {k: v.detach().clone() for k, v in _inner(self.run.model).state_dict().items()}
+        self.weights = {k: v.detach().clone() for k, v in inner_model(self.run.model).state_dict().items()}
 
     def state_dict(self)->dict:
         "The best so far and its weights."
@@ -139,7 +135,7 @@ class BestModel(TrackBest):
                        ):
         "Carry on from a saved best and its weights (moved to the model's device)."
         super().load_state_dict(sd)
-        dev = next(_inner(self.run.model).parameters()).device
+        dev = next(inner_model(self.run.model).parameters()).device
         self.weights = None if sd['weights'] is None else {k: v.to(dev).clone() for k, v in sd['weights'].items()}
 
 # %% ../nbs/08a_extras.ipynb #1fca8152

@@ -124,7 +124,7 @@ MUTANTS = [
     ('initialization', '_first_float: integer outputs accepted', "return out if out.is_floating_point() else None", "return out"),
 
     # ---------------------------------------------------------------- checkpoint.py
-    ('checkpoint', 'training_state: the model inside DDP not unwrapped', "while isinstance(getattr(model, 'module', None), torch.nn.Module): model = model.module", "pass"),
+    ('checkpoint', 'training_state: the model inside DDP not unwrapped', "while isinstance(getattr(model, 'module', None), torch.nn.Module): model = model.module\n    return model", "return model"),
     ('checkpoint', 'training_state: loaders not saved', "loaders=_loader_states(learn.data)", "loaders={}"),
     ('checkpoint', 'training_state: random state not saved', "rng=_rng_state()", "rng={'cpu': torch.get_rng_state()}"),
     ('checkpoint', '_to_cpu: tensors shared, not copied', "return o.detach().cpu().clone()", "return o.detach().cpu()"),
